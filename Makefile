@@ -1,0 +1,37 @@
+# Nimbus: `make up` to run it, `make test` to test it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+
+.PHONY: up test lint bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip==25.3
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+## make up: install into .venv, start Nimbus on $(HOST):$(PORT), deploy examples/
+up: $(STAMP)
+	$(BIN)/nimbus up --host $(HOST) --port $(PORT) $(foreach d,$(wildcard examples/*/nimbus.yaml),--deploy $(dir $(d)))
+
+## make test: the whole suite (unit, in-process, end to end)
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+## make bench: warm and cold invoke vs peers; see docs/benchmarks.md
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[bench]'
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from nimbus.cli import main
+
+main()

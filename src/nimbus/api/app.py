@@ -1,0 +1,247 @@
+"""The control plane: ``/v1`` (FastAPI, OpenAPI at ``/openapi.json``), ``/healthz``, ``/metrics``.
+
+Handlers are thin: they parse the request, call :class:`~nimbus.functions.Functions`
+or the :class:`~nimbus.invoke.Invoker`, and shape the answer. Every error leaves
+as ``{"error": {"code", "message"}}`` (see :mod:`nimbus.errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nimbus.errors import (
+    InvalidParameterValue,
+    NimbusError,
+    RequestTooLarge,
+    ServiceException,
+    headers_of,
+    status_of,
+)
+from nimbus.functions import Functions
+from nimbus.gateway.app import read_body
+from nimbus.invoke import Invoker
+from nimbus.models import FunctionRecord, Version
+from nimbus.observability.logs import LogStore, parse_since
+from nimbus.observability.metrics import Metrics
+from nimbus.scheduling import Scheduler
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _error(e: NimbusError) -> JSONResponse:
+    return JSONResponse(e.to_wire(), status_code=status_of(e), headers=headers_of(e))
+
+
+def build_api(
+    functions: Functions,
+    invoker: Invoker,
+    scheduler: Scheduler,
+    logs: LogStore,
+    metrics: Metrics,
+    *,
+    tmp_dir: Path,
+    max_zip_bytes: int,
+    lifespan: Lifespan | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="Nimbus",
+        version="0.1.0",
+        description="Self-hosted serverless functions. See docs/api.md.",
+        default_response_class=JSONResponse,
+        lifespan=lifespan,
+    )
+
+    # -- errors --------------------------------------------------------------------------
+    @app.exception_handler(NimbusError)
+    async def nimbus_error(_: Request, e: NimbusError) -> Response:
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> Response:
+        parts = []
+        for err in e.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+            where = ".".join(loc) or "request"
+            msg = "is required" if err.get("type") == "missing" else err.get("msg", "is invalid")
+            parts.append(f"{where}: {msg}")
+        return _error(InvalidParameterValue("; ".join(parts)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "ResourceNotFound", 405: "InvalidParameterValue"}.get(e.status_code, "ServiceException")
+        message = "no such route" if e.status_code == 404 else str(e.detail)
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> Response:
+        return _error(ServiceException(f"internal error: {type(e).__name__}"))
+
+    # -- helpers ---------------------------------------------------------------------------
+    def function_out(record: FunctionRecord, versions: list[Version] | None = None) -> dict[str, Any]:
+        v = record.current
+        counts = scheduler.counts(record.name)
+        out: dict[str, Any] = {
+            "name": record.name,
+            "version": v.number,
+            "spec": v.spec.model_dump(mode="json"),
+            "code_sha256": v.code_sha256,
+            "layer_sha256": v.layer_sha256,
+            "created_at": _iso(record.created_at),
+            "updated_at": _iso(v.created_at),
+            "instances": {
+                "total": counts.total,
+                "idle": counts.idle,
+                "busy": counts.busy,
+                "starting": counts.starting,
+            },
+            "url": f"/function/{record.name}",
+        }
+        if versions is not None:
+            out["versions"] = [
+                {"version": x.number, "created_at": _iso(x.created_at), "code_sha256": x.code_sha256}
+                for x in versions
+            ]
+        return out
+
+    async def parse_spec_field(spec: str | None) -> Any:
+        if spec is None:
+            return None
+        try:
+            return orjson.loads(spec)
+        except orjson.JSONDecodeError as e:
+            raise InvalidParameterValue(f"spec: not valid JSON ({e})") from None
+
+    @contextlib.asynccontextmanager
+    async def saved_zip(code: UploadFile | None) -> AsyncIterator[Path | None]:
+        if code is None:
+            yield None
+            return
+        if code.size is not None and code.size > max_zip_bytes:
+            raise RequestTooLarge(
+                f"code zip is {code.size / 1e6:.1f} MB; the limit is {max_zip_bytes / 1e6:.0f} MB"
+            )
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=tmp_dir)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                await asyncio.to_thread(shutil.copyfileobj, code.file, out, 1 << 20)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    # -- functions ---------------------------------------------------------------------------
+    @app.post("/v1/functions", status_code=201, tags=["functions"])
+    async def create_function(
+        spec: Annotated[str, Form(description="the function spec, JSON")],
+        code: Annotated[UploadFile, File(description="zip of the function directory")],
+    ) -> Any:
+        data = await parse_spec_field(spec)
+        async with saved_zip(code) as path:
+            assert path is not None
+            record = await functions.create(data, path)
+        return JSONResponse(function_out(record, await functions.versions(record.name)), 201)
+
+    @app.put("/v1/functions/{name}", tags=["functions"])
+    async def update_function(
+        name: str,
+        spec: Annotated[str | None, Form()] = None,
+        code: Annotated[UploadFile | None, File()] = None,
+    ) -> Any:
+        data = await parse_spec_field(spec)
+        async with saved_zip(code) as path:
+            record = await functions.update(name, data, path)
+        return function_out(record, await functions.versions(name))
+
+    @app.get("/v1/functions", tags=["functions"])
+    async def list_functions() -> Any:
+        return {"functions": [function_out(r) for r in functions.list()]}
+
+    @app.get("/v1/functions/{name}", tags=["functions"])
+    async def get_function(name: str) -> Any:
+        record = functions.get(name)
+        return function_out(record, await functions.versions(name))
+
+    @app.delete("/v1/functions/{name}", status_code=204, tags=["functions"])
+    async def delete_function(name: str) -> Response:
+        await functions.delete(name)
+        return Response(status_code=204)
+
+    # -- invoke ------------------------------------------------------------------------------
+    @app.post("/v1/functions/{name}/invoke", tags=["invoke"])
+    async def invoke(name: str, request: Request) -> Response:
+        functions.current(name)  # 404 before reading a body
+        body = await read_body(request.scope, request.receive, invoker.max_payload)
+        if body.strip():
+            try:
+                orjson.loads(body)
+            except orjson.JSONDecodeError:
+                raise InvalidParameterValue("the event must be JSON") from None
+        else:
+            body = b"{}"
+        result = await invoker.invoke(name, body)
+        headers = {"x-nimbus-request-id": result.request_id}
+        if result.error is not None:
+            headers["x-nimbus-function-error"] = result.error
+        return Response(result.body, media_type="application/json", headers=headers)
+
+    # -- logs --------------------------------------------------------------------------------
+    @app.get("/v1/functions/{name}/logs", tags=["logs"])
+    async def get_logs(
+        name: str,
+        since: str | None = None,
+        after: Annotated[int | None, Query(ge=0)] = None,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+        follow: bool = False,
+        request_id: str | None = None,
+    ) -> Any:
+        functions.get(name)
+        since_ts = parse_since(since, time.time()) if since else None
+        if follow:
+
+            async def stream() -> AsyncIterator[bytes]:
+                async for record in logs.follow(name, since=since_ts, after=after, request_id=request_id):
+                    yield orjson.dumps(record.to_wire()) + b"\n"
+
+            return StreamingResponse(stream(), media_type="application/x-ndjson")
+        records = await logs.query(name, since=since_ts, after=after, limit=limit, request_id=request_id)
+        nxt = records[-1].seq if records else (after or 0)
+        return {"records": [r.to_wire() for r in records], "next": nxt}
+
+    # -- health and metrics ------------------------------------------------------------------
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> Any:
+        return {"status": "ok", "functions": len(functions.list()), "instances": scheduler.total}
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,294 @@
+"""A small client for the Nimbus HTTP API (docs/api.md): one method per call.
+
+Every failure becomes a :class:`~nimbus.cli.common.CliError` with a sentence a
+person understands: a refused connection says to start ``nimbus up``; an API
+error body ``{"error": {"code", "message"}}`` becomes its message (with the code
+and HTTP status kept on the exception for callers that branch on them).
+
+The transport is injectable (``httpx.MockTransport`` in unit tests).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from nimbus.cli.common import CliError
+
+#: Control-plane calls answer at once.
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+#: A deploy waits for ``pip install`` on the server, which can take minutes.
+DEPLOY_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=600.0, pool=5.0)
+#: An invocation may run for the maximum function timeout (900 s) plus queueing.
+INVOKE_TIMEOUT = httpx.Timeout(connect=5.0, read=1000.0, write=60.0, pool=5.0)
+#: ``logs --follow`` waits for new records for as long as the user wants.
+FOLLOW_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=5.0)
+
+#: Upload chunk: small enough for a smooth progress bar, large enough to be cheap.
+CHUNK = 64 * 1024
+
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class InvokeResponse:
+    """The raw result of a direct invocation.
+
+    ``function_error`` is the ``X-Nimbus-Function-Error`` header (``Unhandled``,
+    ``Timeout``, ...) when the function failed; ``body`` is then Lambda's error JSON.
+    """
+
+    body: bytes
+    function_error: str | None
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A ``multipart/form-data`` body with a ``spec`` part and a ``code`` zip part.
+
+    Built by hand (it is short) so the body can be streamed in chunks that drive
+    a progress bar; httpx's own encoder is private API.
+    """
+
+    content_type: str
+    parts: tuple[bytes, ...]
+
+    @classmethod
+    def build(cls, spec: Mapping[str, Any], code: bytes) -> Upload:
+        boundary = secrets.token_hex(16)
+        spec_json = json.dumps(spec, default=str)
+        head = (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="spec"\r\n'
+            "\r\n"
+            f"{spec_json}\r\n"
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="code"; filename="code.zip"\r\n'
+            "Content-Type: application/zip\r\n"
+            "\r\n"
+        ).encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        return cls(f"multipart/form-data; boundary={boundary}", (head, code, tail))
+
+    @property
+    def size(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def chunks(
+        self,
+        on_progress: ProgressCallback | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Iterator[bytes]:
+        """The body in chunks: ``on_progress(n)`` after each is sent, ``on_sent()`` after all."""
+        for part in self.parts:
+            for start in range(0, len(part), CHUNK):
+                chunk = part[start : start + CHUNK]
+                yield chunk
+                # httpx asks for the next chunk only once this one is written.
+                if on_progress is not None:
+                    on_progress(len(chunk))
+        if on_sent is not None:
+            on_sent()
+
+
+class Client:
+    """Talks to one Nimbus server. Use as a context manager (it holds a connection pool)."""
+
+    def __init__(self, url: str, *, transport: httpx.BaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url,
+            transport=transport,
+            timeout=DEFAULT_TIMEOUT,
+            headers={"user-agent": "nimbus-cli"},
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- functions -----------------------------------------------------------
+
+    def list_functions(self) -> list[dict[str, Any]]:
+        body = self._json(self._send("GET", "/v1/functions"))
+        functions = body.get("functions")
+        if not isinstance(functions, list):
+            raise CliError(f"Nimbus at {self.url} answered an unexpected list: {body!r:.200}")
+        return [f for f in functions if isinstance(f, dict)]
+
+    def get_function(self, name: str) -> dict[str, Any]:
+        return self._json(self._send("GET", _function_path(name)))
+
+    def create_function(
+        self,
+        upload: Upload,
+        on_progress: ProgressCallback | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        return self._upload("POST", "/v1/functions", upload, on_progress, on_sent)
+
+    def update_function(
+        self,
+        name: str,
+        upload: Upload,
+        on_progress: ProgressCallback | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        return self._upload("PUT", _function_path(name), upload, on_progress, on_sent)
+
+    def delete_function(self, name: str) -> None:
+        self._send("DELETE", _function_path(name))
+
+    # -- invoke and logs -----------------------------------------------------
+
+    def invoke(self, name: str, event: bytes) -> InvokeResponse:
+        response = self._send(
+            "POST",
+            _function_path(name) + "/invoke",
+            content=event,
+            headers={"content-type": "application/json"},
+            timeout=INVOKE_TIMEOUT,
+        )
+        return InvokeResponse(
+            body=response.content,
+            function_error=response.headers.get("x-nimbus-function-error"),
+            request_id=response.headers.get("x-nimbus-request-id"),
+        )
+
+    def logs(
+        self, name: str, *, since: str | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        params = _log_params(since=since, limit=limit)
+        return self._json(self._send("GET", _function_path(name) + "/logs", params=params))
+
+    def follow_logs(
+        self, name: str, *, since: str | None = None, limit: int | None = None
+    ) -> Generator[dict[str, Any], None, None]:
+        """Existing records, then new ones as they arrive, until the server closes the stream."""
+        params = {**_log_params(since=since, limit=limit), "follow": "true"}
+        path = _function_path(name) + "/logs"
+        try:
+            with self._http.stream("GET", path, params=params, timeout=FOLLOW_TIMEOUT) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response, self.url)
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        raise CliError(
+                            f"Nimbus sent a log line that is not JSON: {line!r:.200}"
+                        ) from None
+                    if isinstance(record, dict):
+                        yield record
+        except httpx.HTTPError as e:
+            raise _transport_error(e, self.url) from None
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _upload(
+        self,
+        method: str,
+        path: str,
+        upload: Upload,
+        on_progress: ProgressCallback | None,
+        on_sent: Callable[[], None] | None,
+    ) -> dict[str, Any]:
+        response = self._send(
+            method,
+            path,
+            content=upload.chunks(on_progress, on_sent),
+            # With a Content-Length httpx sends the stream as is, not chunked.
+            headers={"content-type": upload.content_type, "content-length": str(upload.size)},
+            timeout=DEPLOY_TIMEOUT,
+        )
+        return self._json(response)
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise _transport_error(e, self.url) from None
+        _raise_for_error(response, self.url)
+        return response
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise CliError(
+                f"Nimbus at {self.url} answered {response.status_code} with a body that is not "
+                f"a JSON object: {response.text!r:.200}"
+            )
+        return body
+
+
+def _function_path(name: str) -> str:
+    return "/v1/functions/" + quote(name, safe="")
+
+
+def _log_params(*, since: str | None, limit: int | None) -> dict[str, str]:
+    params: dict[str, str] = {}
+    if since is not None:
+        params["since"] = since
+    if limit is not None:
+        params["limit"] = str(limit)
+    return params
+
+
+def _raise_for_error(response: httpx.Response, url: str) -> None:
+    """Turn an API error response into a CliError carrying the API's own message."""
+    if response.status_code < 400:
+        return
+    code: str | None = None
+    message: str | None = None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+        message = error.get("message") if isinstance(error.get("message"), str) else None
+    if not message:
+        text = response.text.strip()
+        message = f"Nimbus at {url} answered {response.status_code} {response.reason_phrase}"
+        if text:
+            message += f": {text[:200]}"
+    retry_after = response.headers.get("retry-after")
+    if response.status_code == 429 and retry_after:
+        message += f" (retry after {retry_after} s)"
+    raise CliError(message, code=code, status=response.status_code)
+
+
+def _transport_error(error: httpx.HTTPError, url: str) -> CliError:
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return CliError(f"cannot reach Nimbus at {url}: is `nimbus up` running?")
+    if isinstance(error, httpx.TimeoutException):
+        return CliError(f"Nimbus at {url} did not answer in time")
+    if isinstance(error, httpx.UnsupportedProtocol):
+        return CliError(f"invalid Nimbus URL {url!r}: it must start with http:// or https://")
+    detail = str(error) or type(error).__name__
+    return CliError(f"lost the connection to Nimbus at {url}: {detail}")

@@ -1,0 +1,438 @@
+"""Function commands: ``deploy``, ``invoke``, ``list``, ``describe``, ``delete``.
+
+Each parses its arguments, checks what it can locally (so a bad ``nimbus.yaml``
+or bad ``--data`` fails before anything is sent), and makes one or two API calls
+through :class:`nimbus.cli.client.Client`. Rich and httpx are imported inside the
+commands: ``nimbus invoke`` is used in scripts and starts faster without them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from nimbus.cli.common import CliError, age, human_size, open_client, state, stdout_console
+from nimbus.errors import InvalidParameterValue
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, ProgressColumn, TaskID
+
+    from nimbus.cli.client import InvokeResponse
+
+SPEC_FILE = "nimbus.yaml"
+
+
+# -- deploy ------------------------------------------------------------------
+
+
+def deploy(
+    ctx: typer.Context,
+    directory: Annotated[
+        Path, typer.Argument(help="The function directory, with nimbus.yaml.", show_default=True)
+    ] = Path("."),
+) -> None:
+    """Package a function directory and deploy it: create it, or publish a new version."""
+    raw_spec = read_spec(directory)
+    from nimbus.models import parse_spec
+
+    try:
+        spec = parse_spec(raw_spec)
+    except InvalidParameterValue as e:
+        raise CliError(f"{directory / SPEC_FILE}: {e.message}") from None
+    needs_install = has_requirements(directory)
+
+    from nimbus.cli.client import Upload
+    from nimbus.packaging import package_directory
+
+    url = state(ctx).url
+    console = stdout_console()
+    with open_client(ctx) as client, _Steps(console) as steps:
+        steps.begin(f"Packaging {spec.name}")
+        code = package_directory(directory)
+        steps.finish(human_size(len(code)))
+
+        try:
+            client.get_function(spec.name)
+            exists = True
+        except CliError as e:
+            if e.status != 404:
+                raise
+            exists = False
+
+        # The spec as the user wrote it: the server fills in its own defaults.
+        upload = Upload.build(raw_spec, code)
+        steps.begin("Uploading", total=upload.size)
+
+        def sent() -> None:
+            # The body is on the wire; the server now unpacks it and runs pip.
+            steps.finish(human_size(upload.size))
+            if needs_install:
+                steps.begin("Installing dependencies", announce=True)
+
+        if exists:
+            function = client.update_function(spec.name, upload, steps.advance, sent)
+        else:
+            function = client.create_function(upload, steps.advance, sent)
+        if needs_install:
+            steps.finish()
+
+    console.print(f"Deployed {spec.name} version {function.get('version', '?')}", markup=False)
+    console.print(f"  curl {url}/function/{spec.name}", markup=False)
+
+
+def read_spec(directory: Path) -> dict[str, Any]:
+    """The mapping in ``directory/nimbus.yaml``, exactly as written (no defaults filled in)."""
+    import yaml
+
+    if not directory.is_dir():
+        raise CliError(f"{directory} is not a directory")
+    path = directory / SPEC_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(
+            f"no {SPEC_FILE} in {directory} (create a function with `nimbus init NAME`)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise CliError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+    if data is None:
+        raise CliError(f"{path} is empty: it needs at least `name: <function name>`")
+    if not isinstance(data, dict):
+        raise CliError(
+            f"{path} must be a mapping of fields (name, runtime, handler, ...), "
+            f"not a {type(data).__name__}"
+        )
+    return data
+
+
+def has_requirements(directory: Path) -> bool:
+    """Whether ``requirements.txt`` asks the server to install anything."""
+    from nimbus.packaging import has_requirements as asks_for_anything
+
+    try:
+        return asks_for_anything((directory / "requirements.txt").read_bytes())
+    except OSError:
+        return False
+
+
+def _yaml_problem(error: Exception) -> str:
+    import yaml
+
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        problem = error.problem or error.context or "syntax error"
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
+
+
+class _Steps:
+    """The deploy's steps: a live display on a terminal; plain lines when piped."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._description = ""
+
+    def __enter__(self) -> _Steps:
+        if self.console.is_terminal:
+            from rich.progress import Progress
+
+            self._progress = Progress(*_columns(), console=self.console)
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._progress is None:
+            return
+        if exc_type is not None and self._task is not None:
+            self._progress.update(self._task, description=f"{self._description} [red]failed")
+            self._progress.stop_task(self._task)
+        self._progress.stop()
+
+    def begin(self, description: str, *, total: int | None = None, announce: bool = False) -> None:
+        """Start a step: a byte bar when ``total`` is given, else a spinner."""
+        self._description = description
+        if self._progress is not None:
+            self._task = self._progress.add_task(
+                description, total=total, bytes=total is not None, detail=""
+            )
+        elif announce:
+            self.console.print(f"{description} ...", markup=False)
+
+    def advance(self, n: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, n)
+
+    def finish(self, detail: str = "") -> None:
+        if self._progress is not None and self._task is not None:
+            total = self._progress.tasks[self._task].total or 1
+            self._progress.update(self._task, total=total, completed=total, detail=detail)
+        elif detail:
+            self.console.print(f"{self._description}: {detail}", markup=False)
+        self._task = None
+
+
+def _columns() -> list[ProgressColumn | str]:
+    """Spinner, step, then a byte bar for the upload or a short detail for the others."""
+    from rich.console import RenderableType
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        ProgressColumn,
+        SpinnerColumn,
+        Task,
+        TextColumn,
+    )
+    from rich.text import Text
+
+    class UploadBar(ProgressColumn):
+        def __init__(self) -> None:
+            super().__init__()
+            self._bar = BarColumn(bar_width=30)
+
+        def render(self, task: Task) -> RenderableType:
+            return self._bar.render(task) if task.fields.get("bytes") else Text("")
+
+    class Detail(DownloadColumn):
+        def render(self, task: Task) -> Text:
+            if task.fields.get("bytes"):
+                return super().render(task)
+            return Text(str(task.fields.get("detail", "")), style="dim")
+
+    return [
+        SpinnerColumn(finished_text="[green]✓"),
+        TextColumn("{task.description}"),
+        UploadBar(),
+        Detail(),
+    ]
+
+
+# -- invoke ------------------------------------------------------------------
+
+
+def invoke(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The function to invoke.")],
+    data: Annotated[
+        str,
+        typer.Option("--data", "-d", help="The event: JSON text, @FILE, or @- for stdin."),
+    ] = "{}",
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Print the result exactly as returned.")
+    ] = False,
+) -> None:
+    """Invoke a function directly with an event and print its result."""
+    event = read_event(data)
+    with open_client(ctx) as client:
+        result = client.invoke(name, event)
+    if result.function_error:
+        raise CliError(function_error_line(result))
+    if raw:
+        typer.echo(result.body, nl=False)
+        return
+    try:
+        value = json.loads(result.body)
+    except ValueError:
+        typer.echo(result.body)
+        return
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def read_event(data: str) -> bytes:
+    """The ``--data`` value as bytes, checked to be JSON before anything is sent."""
+    where = "--data"
+    if data.startswith("@"):
+        source = data[1:]
+        if source == "-":
+            payload = sys.stdin.buffer.read()
+            where = "stdin"
+        else:
+            try:
+                payload = Path(source).read_bytes()
+            except OSError as e:
+                raise CliError(f"cannot read --data file {source}: {e.strerror or e}") from None
+            where = source
+    else:
+        payload = data.encode()
+    if payload.strip():  # empty means {} (docs/api.md)
+        try:
+            json.loads(payload)
+        except UnicodeDecodeError:
+            raise CliError(f"{where} is not valid JSON: it is not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise CliError(
+                f"{where} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+            ) from None
+    return payload
+
+
+def function_error_line(result: InvokeResponse) -> str:
+    """``errorType: errorMessage`` from Lambda's error body."""
+    kind = result.function_error or "Unhandled"
+    try:
+        body = json.loads(result.body)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error_type = str(body.get("errorType") or kind)
+        message = str(body.get("errorMessage") or "")
+        return f"{error_type}: {message}" if message else error_type
+    text = result.body.decode("utf-8", "replace").strip()
+    return f"{kind}: {text}" if text else f"the function failed ({kind})"
+
+
+# -- list, describe, delete --------------------------------------------------
+
+
+def list_functions(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """List deployed functions."""
+    with open_client(ctx) as client:
+        functions = client.list_functions()
+    if as_json:
+        typer.echo(json.dumps({"functions": functions}, indent=2))
+        return
+    if not functions:
+        typer.echo("No functions deployed. Start with: nimbus init hello && nimbus deploy hello")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("NAME", "VERSION", "RUNTIME", "MEMORY", "TIMEOUT", "INSTANCES", "UPDATED"):
+        table.add_column(column)
+    table.columns[1].justify = "right"
+    for fn in functions:
+        spec = _dict(fn.get("spec"))
+        instances = _dict(fn.get("instances"))
+        table.add_row(
+            str(fn.get("name", "?")),
+            str(fn.get("version", "?")),
+            str(spec.get("runtime", "?")),
+            f"{_num(spec.get('memory'))} MB",
+            f"{_num(spec.get('timeout'))} s",
+            f"{instances.get('idle', 0)} idle / {instances.get('busy', 0)} busy",
+            age(fn.get("updated_at")),
+        )
+    stdout_console().print(table)
+
+
+def describe(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The function to describe.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """Show a function: its configuration, code, versions and instances."""
+    with open_client(ctx) as client:
+        fn = client.get_function(name)
+    if as_json:
+        typer.echo(json.dumps(fn, indent=2))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    base = state(ctx).url
+    spec = _dict(fn.get("spec"))
+    scaling = _dict(spec.get("scaling"))
+    instances = _dict(fn.get("instances"))
+    environment = _dict(spec.get("environment"))
+    path = str(fn.get("url") or f"/function/{name}")
+    layer = fn.get("layer_sha256")
+    rows: list[tuple[str, str]] = [
+        ("name", str(fn.get("name", name))),
+        ("version", str(fn.get("version", "?"))),
+        ("url", path if "://" in path else base + path),
+        ("runtime", str(spec.get("runtime", "?"))),
+        ("handler", str(spec.get("handler", "?"))),
+        ("memory", f"{_num(spec.get('memory'))} MB"),
+        ("timeout", f"{_num(spec.get('timeout'))} s"),
+        ("network", str(spec.get("network", "?"))),
+        (
+            "scaling",
+            f"min {_num(scaling.get('min'))}, max {_num(scaling.get('max'))}, "
+            f"concurrency {_num(scaling.get('concurrency'))}, "
+            f"keep warm {_num(scaling.get('keep_warm'))} s",
+        ),
+        (
+            "environment",
+            "\n".join(f"{k}={v}" for k, v in sorted(environment.items())) or "-",
+        ),
+    ]
+    if spec.get("description"):
+        rows.append(("description", str(spec["description"])))
+    rows += [
+        ("code", f"sha256 {_short(fn.get('code_sha256'))}"),
+        ("layer", f"sha256 {_short(layer)}" if layer else "none (no requirements.txt)"),
+        (
+            "instances",
+            f"{instances.get('total', 0)} ({instances.get('idle', 0)} idle, "
+            f"{instances.get('busy', 0)} busy, {instances.get('starting', 0)} starting)",
+        ),
+        ("created", _when(fn.get("created_at"))),
+        ("updated", _when(fn.get("updated_at"))),
+    ]
+    versions = [_dict(v) for v in fn.get("versions") or []]
+    versions.sort(key=lambda v: v.get("version") or 0, reverse=True)
+    rows.append(
+        (
+            "versions",
+            "\n".join(
+                f"{v.get('version', '?')}  {age(v.get('created_at'))}  "
+                f"code {_short(v.get('code_sha256'))}"
+                for v in versions
+            )
+            or "-",
+        )
+    )
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(Text(key), Text(value))
+    stdout_console().print(grid)
+
+
+def delete(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The function to delete.")],
+) -> None:
+    """Delete a function: its versions, instances and logs."""
+    with open_client(ctx) as client:
+        client.delete_function(name)
+    typer.echo(f"Deleted {name}")
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: object) -> str:
+    """``30`` for 30.0; ``?`` when missing."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "?" if value is None else str(value)
+
+
+def _short(digest: object) -> str:
+    return str(digest)[:12] if digest else "?"
+
+
+def _when(value: object) -> str:
+    return f"{value} ({age(value)})" if value else "-"

@@ -1,0 +1,117 @@
+"""``nimbus up``: run the Nimbus server in the foreground.
+
+Thin on purpose: options become :class:`nimbus.config.Settings` (every option
+also reads its ``NIMBUS_<NAME>`` variable) and :func:`nimbus.server.serve` does
+the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nimbus.cli.common import CliError
+
+
+def up(
+    host: Annotated[
+        str | None,
+        typer.Option(envvar="NIMBUS_HOST", help="Address to listen on.", show_default="127.0.0.1"),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(envvar="NIMBUS_PORT", help="Port to listen on.", show_default="8080"),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="NIMBUS_DATA_DIR",
+            help="Where functions, code and logs are kept.",
+            show_default="$XDG_DATA_HOME/nimbus",
+        ),
+    ] = None,
+    max_instances: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_MAX_INSTANCES",
+            help="Instances running at once on this node, over all functions.",
+            show_default="256",
+        ),
+    ] = None,
+    queue_depth: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_QUEUE_DEPTH",
+            help="Requests that may wait for an instance, per function, before 429.",
+            show_default="100",
+        ),
+    ] = None,
+    queue_timeout: Annotated[
+        float | None,
+        typer.Option(
+            envvar="NIMBUS_QUEUE_TIMEOUT",
+            help="Seconds a request waits for an instance before 429.",
+            show_default="10",
+        ),
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None,
+        typer.Option(
+            envvar="NIMBUS_SHUTDOWN_GRACE",
+            help="Seconds in-flight invocations get to finish on shutdown.",
+            show_default="30",
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_LOG_LEVEL",
+            help="debug, info, warning or error.",
+            show_default="info",
+        ),
+    ] = None,
+    deploy: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--deploy",
+            envvar="NIMBUS_DEPLOY",
+            help="A function directory to deploy at startup (repeatable).",
+            metavar="DIR",
+            exists=True,
+            file_okay=False,
+            dir_okay=True,
+        ),
+    ] = None,
+) -> None:
+    """Start Nimbus in the foreground (Ctrl-C stops it)."""
+    from nimbus.config import Settings
+
+    settings = Settings.from_env(
+        os.environ,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        max_instances=max_instances,
+        queue_depth=queue_depth,
+        queue_timeout=queue_timeout,
+        shutdown_grace=shutdown_grace,
+        log_level=log_level,
+    )
+    from nimbus.server import serve
+
+    try:
+        serve(settings, deploy=list(deploy or ()))
+    except OSError as e:
+        # The usual ones are the user's to fix: the port is taken, or privileged.
+        if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or (
+            e.errno == errno.EACCES and e.filename is None
+        ):
+            where = f"{settings.host}:{settings.port}"
+            raise CliError(f"cannot listen on {where}: {e.strerror}") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC) and e.filename:
+            raise CliError(f"cannot start Nimbus: {e.filename}: {e.strerror}") from None
+        raise

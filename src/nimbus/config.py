@@ -1,0 +1,89 @@
+"""Server settings: built once, typed and frozen, from an injected mapping.
+
+Every field has a ``NIMBUS_<FIELD>`` environment variable, and ``nimbus up``
+exposes each as a ``--flag`` too. Nothing here reads ``os.environ`` by itself:
+callers pass the mapping (``Settings.from_env(os.environ)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from nimbus.errors import InvalidParameterValue
+
+
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    """``$XDG_DATA_HOME/nimbus``, else ``~/.local/share/nimbus``."""
+    xdg = environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path(environ.get("HOME", os.path.expanduser("~"))) / ".local/share"
+    return base / "nimbus"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path()
+    #: Instances running at once on this node, over all functions.
+    max_instances: int = 256
+    #: Requests that may wait for an instance, per function, before 429.
+    queue_depth: int = 100
+    #: Seconds a request waits in that queue before 429.
+    queue_timeout: float = 10.0
+    #: Seconds in-flight invocations get to finish on SIGTERM.
+    shutdown_grace: float = 30.0
+    #: Payload limits, bytes.
+    max_sync_payload: int = 6 * 1024 * 1024
+    max_async_payload: int = 1024 * 1024
+    max_zip_bytes: int = 50 * 1024 * 1024
+    max_unpacked_bytes: int = 250 * 1024 * 1024
+    #: Captured output kept per invocation (then truncated with a marker), and per function.
+    max_log_bytes_per_invocation: int = 10 * 1024 * 1024
+    max_log_records_per_function: int = 100_000
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Settings from ``NIMBUS_*`` variables; explicit ``overrides`` (not None) win."""
+        values: dict[str, Any] = {"data_dir": default_data_dir(environ)}
+        for f in fields(cls):
+            raw = environ.get(f"NIMBUS_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        for key, value in overrides.items():
+            if value is not None:
+                values[key] = value
+        values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidParameterValue(f"port must be between 0 and 65535 (got {self.port})")
+        for name in ("max_instances", "queue_depth"):
+            if getattr(self, name) < 1 and name == "max_instances":
+                raise InvalidParameterValue(f"{name} must be at least 1")
+            if getattr(self, name) < 0:
+                raise InvalidParameterValue(f"{name} must not be negative")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError:
+        raise InvalidParameterValue(
+            f"NIMBUS_{f.name.upper()}={raw!r} is not a valid {kind}"
+        ) from None
+    return raw

@@ -1,0 +1,175 @@
+"""The control plane's function registry: deploy, update, delete, look up.
+
+:class:`Functions` owns the in-memory map of current versions (the invoke
+path's only lookup: a dict get), and keeps it consistent with the store, the
+code and layer stores, the scheduler's pools and the logs. A deploy either
+publishes a whole new version or changes nothing: code is unpacked and
+dependencies are installed *before* the version is written, and the previous
+version serves until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from nimbus.errors import InvalidParameterValue, ResourceConflict, ResourceNotFound
+from nimbus.models import FunctionRecord, FunctionSpec, Version, parse_spec
+from nimbus.observability.logs import LogStore
+from nimbus.packaging import CodeStore, LayerStore
+from nimbus.packaging.layers import has_requirements
+from nimbus.scheduling import Scheduler
+from nimbus.store import FunctionStore
+
+
+class Functions:
+    def __init__(
+        self,
+        store: FunctionStore,
+        code: CodeStore,
+        layers: LayerStore,
+        scheduler: Scheduler,
+        logs: LogStore,
+        runtimes: frozenset[str],
+    ) -> None:
+        self._store = store
+        self._code = code
+        self._layers = layers
+        self._scheduler = scheduler
+        self._logs = logs
+        self._runtimes = runtimes
+        self._records: dict[str, FunctionRecord] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def load(self) -> None:
+        self._records = {r.name: r for r in await self._store.load()}
+
+    # -- reads (no I/O) ---------------------------------------------------------------
+    def current(self, name: str) -> Version:
+        """The version that serves ``name`` now. The invoke path's lookup."""
+        record = self._records.get(name)
+        if record is None:
+            raise ResourceNotFound(f"function {name!r} does not exist")
+        return record.current
+
+    def get(self, name: str) -> FunctionRecord:
+        record = self._records.get(name)
+        if record is None:
+            raise ResourceNotFound(f"function {name!r} does not exist")
+        return record
+
+    def list(self) -> list[FunctionRecord]:
+        return [self._records[k] for k in sorted(self._records)]
+
+    async def versions(self, name: str) -> list[Version]:
+        return await self._store.versions(name)
+
+    # -- writes -----------------------------------------------------------------------
+    async def create(self, spec_data: Any, zip_path: Path) -> FunctionRecord:
+        spec = parse_spec(spec_data, known_runtimes=self._runtimes)
+        async with self._locks[spec.name]:
+            if spec.name in self._records:
+                raise ResourceConflict(
+                    f"function {spec.name!r} already exists; update it with "
+                    f"PUT /v1/functions/{spec.name} (or `nimbus deploy`)"
+                )
+            return await self._publish(spec, zip_path, None, create=True)
+
+    async def update(
+        self, name: str, spec_data: Any | None, zip_path: Path | None
+    ) -> FunctionRecord:
+        """A new version from new code and/or spec fields (given fields replace current ones)."""
+        if spec_data is None and zip_path is None:
+            raise InvalidParameterValue("nothing to update: send a new 'spec', 'code', or both")
+        async with self._locks[name]:
+            current = self.current(name)
+            spec = current.spec
+            if spec_data is not None:
+                if not isinstance(spec_data, dict):
+                    raise InvalidParameterValue("invalid function spec: expected a mapping of fields")
+                if spec_data.get("name", name) != name:
+                    raise InvalidParameterValue(
+                        f"invalid function spec: name: cannot rename {name!r} to "
+                        f"{spec_data['name']!r}; deploy a new function instead"
+                    )
+                merged = current.spec.model_dump(mode="json")
+                for key, value in spec_data.items():
+                    if isinstance(value, dict) and isinstance(merged.get(key), dict) and key == "scaling":
+                        merged[key] = {**merged[key], **value}
+                    else:
+                        merged[key] = value
+                spec = parse_spec(merged, known_runtimes=self._runtimes)
+            return await self._publish(spec, zip_path, current, create=False)
+
+    async def deploy(self, spec_data: Any, zip_path: Path) -> tuple[FunctionRecord, bool]:
+        """Create or replace (the whole spec, as ``nimbus deploy`` does); ``(record, changed)``.
+
+        Deploying the same code and spec again publishes nothing.
+        """
+        spec = parse_spec(spec_data, known_runtimes=self._runtimes)
+        if spec.name not in self._records:
+            return await self.create(spec_data, zip_path), True
+        async with self._locks[spec.name]:
+            return await self._publish(spec, zip_path, self.current(spec.name), create=False,
+                                       skip_unchanged=True)
+
+    async def delete(self, name: str) -> None:
+        async with self._locks[name]:
+            self.get(name)
+            await self._store.delete(name)
+            self._records.pop(name, None)
+            self._scheduler.retire(name)
+            await self._logs.delete_function(name)
+        self._locks.pop(name, None)
+
+    async def _publish(
+        self,
+        spec: FunctionSpec,
+        zip_path: Path | None,
+        current: Version | None,
+        *,
+        create: bool,
+        skip_unchanged: bool = False,
+    ) -> FunctionRecord:
+        if zip_path is not None:
+            code = await asyncio.to_thread(self._code.put, zip_path)
+        else:
+            assert current is not None
+            code = current.code_sha256
+        self._code.check_handler(code, spec.handler)
+        if skip_unchanged and current is not None:
+            if current.spec == spec and current.code_sha256 == code:
+                return self._records[spec.name]
+        requirements = self._code.requirements(code)
+        layer = None
+        if requirements is not None and has_requirements(requirements):
+            layer = await self._layers.ensure(requirements, spec.runtime)
+        record = await self._store.publish(spec, code, layer, create=create)
+        self._records[spec.name] = record
+        self._scheduler.retire(spec.name, keep=record.current.number)
+        return record
+
+
+def read_spec_file(directory: Path) -> dict[str, Any]:
+    """``directory/nimbus.yaml`` as a mapping, or a clear ``InvalidParameterValue``."""
+    import yaml
+
+    path = directory / "nimbus.yaml"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InvalidParameterValue(f"{path}: no such file (a function directory needs nimbus.yaml)") from None
+    except OSError as e:
+        raise InvalidParameterValue(f"{path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InvalidParameterValue(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidParameterValue(f"{path}: expected a mapping of fields")
+    return data
+
+

@@ -1,0 +1,209 @@
+"""Pure data shared by the parts of Nimbus: function specs, versions, results.
+
+``FunctionSpec`` is what a user writes in ``nimbus.yaml``; it is validated here,
+once, with messages a person understands (see :func:`parse_spec`). Everything
+else is a frozen dataclass with no behaviour beyond small derived values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from nimbus.errors import InvalidParameterValue
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+#: Environment variables the platform sets itself; a spec may not override them.
+RESERVED_ENV = frozenset(
+    {
+        "_HANDLER",
+        "LAMBDA_TASK_ROOT",
+        "LAMBDA_RUNTIME_DIR",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_LOG_GROUP_NAME",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+        "AWS_EXECUTION_ENV",
+        "NIMBUS_FUNCTION_NAME",
+    }
+)
+
+MIN_MEMORY_MB = 128
+MAX_MEMORY_MB = 10240
+MAX_TIMEOUT_S = 900
+
+
+class ScalingSpec(BaseModel):
+    """How many instances a function may have, and how long an idle one lives."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(default=0, ge=0, le=1000)
+    max: int = Field(default=10, ge=1, le=1000)
+    concurrency: int = Field(default=1, ge=1, le=1000)
+    keep_warm: float = Field(default=300, ge=0, le=86400)
+
+
+class FunctionSpec(BaseModel):
+    """A function's configuration, as in ``nimbus.yaml``. Immutable once part of a version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    runtime: str = "python3.11"
+    handler: str = "app.handler"
+    memory: int = 128
+    timeout: float = 30
+    environment: dict[str, str] = Field(default_factory=dict)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    network: Literal["none", "egress"] = "none"
+    description: str = Field(default="", max_length=256)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                "must start with a lowercase letter and contain only lowercase letters, "
+                "digits and '-', at most 63 characters"
+            )
+        return v
+
+    @field_validator("handler")
+    @classmethod
+    def _handler(cls, v: str) -> str:
+        if not HANDLER_RE.match(v):
+            raise ValueError("must be 'module.function', e.g. 'app.handler'")
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: int) -> int:
+        if not MIN_MEMORY_MB <= v <= MAX_MEMORY_MB:
+            raise ValueError(f"must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB} MB")
+        return v
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: float) -> float:
+        if not 1 <= v <= MAX_TIMEOUT_S:
+            raise ValueError(f"must be between 1 and {MAX_TIMEOUT_S} seconds")
+        return v
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not ENV_KEY_RE.match(key):
+                raise ValueError(f"{key!r} is not a valid variable name")
+            if key in RESERVED_ENV or key.startswith("AWS_LAMBDA_"):
+                raise ValueError(f"{key!r} is set by Nimbus and cannot be overridden")
+        return v
+
+    @property
+    def handler_module(self) -> str:
+        return self.handler.rsplit(".", 1)[0]
+
+    @property
+    def handler_function(self) -> str:
+        return self.handler.rsplit(".", 1)[1]
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "spec"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if e["type"] == "missing":
+            msg = "is required"
+        got = e.get("input")
+        suffix = (
+            f" (got {got!r})"
+            if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict)
+            else ""
+        )
+        parts.append(f"{where}: {msg}{suffix}")
+    return "invalid function spec: " + "; ".join(parts)
+
+
+def parse_spec(data: Any, *, known_runtimes: frozenset[str] | None = None) -> FunctionSpec:
+    """Validate a spec mapping, raising ``InvalidParameterValue`` with every problem named."""
+    if not isinstance(data, dict):
+        raise InvalidParameterValue("invalid function spec: expected a mapping of fields")
+    try:
+        spec = FunctionSpec.model_validate(data)
+    except ValidationError as e:
+        raise InvalidParameterValue(_describe(e)) from None
+    if known_runtimes is not None and spec.runtime not in known_runtimes:
+        raise InvalidParameterValue(
+            f"invalid function spec: runtime: unknown runtime {spec.runtime!r}; "
+            f"available: {', '.join(sorted(known_runtimes))}"
+        )
+    if spec.scaling.min > spec.scaling.max:
+        raise InvalidParameterValue("invalid function spec: scaling.min must not exceed scaling.max")
+    if spec.scaling.concurrency != 1:
+        raise InvalidParameterValue(
+            "invalid function spec: scaling.concurrency: python runtimes serve one "
+            "invocation at a time per instance; it must be 1"
+        )
+    return spec
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One immutable published version of a function: a spec plus content-addressed code."""
+
+    spec: FunctionSpec
+    number: int
+    code_sha256: str
+    layer_sha256: str | None
+    created_at: float
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionRecord:
+    """A function and its current (latest) version."""
+
+    name: str
+    created_at: float
+    current: Version
+
+
+ErrorKind = Literal["Unhandled", "Timeout", "Crash", "Init", "OutOfMemory"]
+
+
+@dataclass(slots=True)
+class InvokeResult:
+    """The outcome of one invocation, successful or not.
+
+    ``body`` is the JSON the handler returned, or Lambda's error JSON
+    (``errorMessage``, ``errorType``, ``stackTrace``) when ``error`` is set.
+    """
+
+    request_id: str
+    body: bytes
+    error: ErrorKind | None = None
+    duration_ms: float = 0.0
+    max_memory_mb: int = 0
+    init_ms: float | None = None
+    cold: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def billed_ms(self) -> int:
+        import math
+
+        return max(1, math.ceil(self.duration_ms))

@@ -1,0 +1,1 @@
+"""What Nimbus records about running functions: logs (:mod:`nimbus.observability.logs`)."""

@@ -1,0 +1,1 @@
+"""The Python runtime: ``bootstrap.py`` runs inside each instance (standard library only)."""

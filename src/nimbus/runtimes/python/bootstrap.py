@@ -1,0 +1,235 @@
+"""The Python runtime shim: runs inside an instance, speaks the instance protocol.
+
+This file runs with ``python -I -S`` and imports nothing but the standard
+library: the function's own ``sys.path`` is its code and its dependency layer,
+never Nimbus's environment. The server imports the wire constants from here too,
+so the format has one definition.
+
+Wire format (both directions, on the instance's own socket)::
+
+    HEADER = >I B 16s d Q   body length, kind, request id (uuid bytes), seconds, number
+    body   = raw bytes
+
+    kind        direction   seconds             number          body
+    READY       inst → exec init duration       0               empty
+    INIT_ERROR  inst → exec init duration       0               Lambda error JSON
+    INVOKE      exec → inst deadline (epoch)    0               event JSON
+    RESULT      inst → exec handler duration    max RSS, KiB    result JSON
+    ERROR       inst → exec handler duration    max RSS, KiB    Lambda error JSON
+
+Output: fd 1 and 2 are one pipe read by the executor. After the init and after
+each invocation the shim flushes and writes ``SENTINEL_PREFIX + token + b"\\n"``
+so the executor can tell whose lines came before it.
+"""
+
+from __future__ import annotations
+
+import struct
+
+HEADER = struct.Struct(">IB16sdQ")
+READY, INIT_ERROR, INVOKE, RESULT, ERROR = 1, 2, 3, 4, 5
+SENTINEL_PREFIX = b"\x00\x1fnimbus-end:"
+
+
+def main(argv: list[str]) -> None:  # noqa: C901 - one linear loop, easier to read whole
+    import importlib
+    import json
+    import logging
+    import os
+    import socket
+    import sys
+    import time
+    import traceback
+    import uuid
+
+    fd, token = int(argv[1]), argv[2].encode()
+    sentinel = SENTINEL_PREFIX + token + b"\n"
+    sock = socket.socket(fileno=fd)
+    rfile = sock.makefile("rb", buffering=65536)
+    env = os.environ
+    task_root = env.get("LAMBDA_TASK_ROOT", os.getcwd())
+    layer = env.get("NIMBUS_LAYER_ROOT", "")
+    sys.path[:0] = [task_root] + ([layer] if layer else [])
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+    def end_of_output() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(1, sentinel)
+
+    def send(kind: int, rid: bytes, seconds: float, number: int, body: bytes) -> None:
+        sock.sendall(HEADER.pack(len(body), kind, rid, seconds, number) + body)
+
+    def error_body(exc: BaseException, error_type: str | None = None, rid: str = "") -> bytes:
+        tb = traceback.format_list(traceback.extract_tb(exc.__traceback__))
+        doc = {
+            "errorMessage": str(exc),
+            "errorType": error_type or type(exc).__name__,
+            "requestId": rid,
+            "stackTrace": tb,
+        }
+        return json.dumps(doc).encode()
+
+    current = {"rid": ""}
+    # Peak RSS of *this* process image (VmHWM resets at exec, unlike ru_maxrss, which
+    # would report the parent's size at fork). pread on a kept fd: one syscall.
+    status_fd = os.open("/proc/self/status", os.O_RDONLY)
+
+    def max_rss_kib() -> int:
+        data = os.pread(status_fd, 4096, 0)
+        at = data.find(b"VmHWM:")
+        return int(data[at + 6 : data.index(b"kB", at)]) if at >= 0 else 0
+
+    class _RequestIdFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.aws_request_id = current["rid"]
+            return True
+
+    handler_log = logging.StreamHandler(sys.stdout)
+    handler_log.setFormatter(
+        logging.Formatter(
+            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n",
+            "%Y-%m-%dT%H:%M:%S",
+        )
+    )
+    handler_log.formatter.converter = time.gmtime  # type: ignore[union-attr]
+    handler_log.addFilter(_RequestIdFilter())
+    logging.getLogger().addHandler(handler_log)
+    logging.getLogger().setLevel(logging.INFO)
+
+    # -- init: import the handler module once --------------------------------
+    spec = env["_HANDLER"]
+    module_name, _, function_name = spec.rpartition(".")
+    started = time.perf_counter()
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # noqa: BLE001 - every import failure is the user's
+            if isinstance(e, ModuleNotFoundError) or isinstance(e, ImportError):
+                msg = f"Unable to import module '{module_name}': {e}"
+                raise _InitError("Runtime.ImportModuleError", msg, e) from None
+            raise _InitError("Runtime.ImportModuleError", f"Unable to import module "
+                             f"'{module_name}': {type(e).__name__}: {e}", e) from None
+        fn = getattr(module, function_name, None)
+        if fn is None:
+            raise _InitError(
+                "Runtime.HandlerNotFound",
+                f"Handler '{function_name}' missing on module '{module_name}'",
+                None,
+            )
+        if not callable(fn):
+            raise _InitError(
+                "Runtime.HandlerNotFound",
+                f"Handler '{function_name}' on module '{module_name}' is not callable",
+                None,
+            )
+    except _InitError as e:
+        init_s = time.perf_counter() - started
+        if e.cause is not None:
+            traceback.print_exception(e.cause, file=sys.stderr)
+        print(f"[ERROR] {e.error_type}: {e.message}", file=sys.stderr)
+        body = json.dumps(
+            {"errorMessage": e.message, "errorType": e.error_type, "requestId": "",
+             "stackTrace": traceback.format_list(traceback.extract_tb(e.cause.__traceback__))
+             if e.cause is not None else []}
+        ).encode()
+        end_of_output()
+        send(INIT_ERROR, bytes(16), init_s, 0, body)
+        return
+    init_s = time.perf_counter() - started
+    end_of_output()
+    send(READY, bytes(16), init_s, 0, b"")
+
+    # -- invoke loop ------------------------------------------------------------
+    ctx_base = {
+        "function_name": env.get("AWS_LAMBDA_FUNCTION_NAME", ""),
+        "function_version": env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        "memory_limit_in_mb": env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"),
+        "log_group_name": env.get("AWS_LAMBDA_LOG_GROUP_NAME", ""),
+        "log_stream_name": env.get("AWS_LAMBDA_LOG_STREAM_NAME", ""),
+    }
+    arn = "arn:aws:lambda:nimbus:000000000000:function:" + ctx_base["function_name"]
+    hsize = HEADER.size
+    while True:
+        head = rfile.read(hsize)
+        if len(head) < hsize:
+            return  # the executor closed our socket: we are done
+        length, kind, rid_raw, deadline, _ = HEADER.unpack(head)
+        body = rfile.read(length) if length else b""
+        if kind != INVOKE:
+            continue
+        rid = str(uuid.UUID(bytes=rid_raw))
+        current["rid"] = rid
+        context = LambdaContext(rid, deadline, arn, ctx_base)
+        t0 = time.perf_counter()
+        try:
+            event = json.loads(body) if body else {}
+            result = fn(event, context)
+            try:
+                out = json.dumps(result, separators=(",", ":")).encode()
+            except (TypeError, ValueError) as e:
+                out_kind = ERROR
+                out = json.dumps({"errorMessage": f"Unable to marshal response: {e}",
+                                  "errorType": "Runtime.MarshalError", "requestId": rid,
+                                  "stackTrace": []}).encode()
+                print(f"[ERROR] Runtime.MarshalError: Unable to marshal response: {e}",
+                      file=sys.stderr)
+            else:
+                out_kind = RESULT
+        except Exception as e:  # noqa: BLE001 - the handler's exception is its result
+            out_kind, out = ERROR, error_body(e, rid=rid)
+            lines = traceback.format_exception(e)
+            print(f"[ERROR] {type(e).__name__}: {e}\n" + "".join(lines).rstrip("\n"),
+                  file=sys.stderr)
+        elapsed = time.perf_counter() - t0
+        maxrss = max_rss_kib()
+        current["rid"] = ""
+        end_of_output()
+        send(out_kind, rid_raw, elapsed, maxrss, out)
+
+
+class _InitError(Exception):
+    def __init__(self, error_type: str, message: str, cause: BaseException | None) -> None:
+        super().__init__(message)
+        self.error_type, self.message, self.cause = error_type, message, cause
+
+
+class LambdaContext:
+    """The ``context`` argument of a Lambda handler."""
+
+    __slots__ = (
+        "_deadline",
+        "aws_request_id",
+        "client_context",
+        "function_name",
+        "function_version",
+        "identity",
+        "invoked_function_arn",
+        "log_group_name",
+        "log_stream_name",
+        "memory_limit_in_mb",
+    )
+
+    def __init__(self, rid: str, deadline: float, arn: str, base: dict[str, str]) -> None:
+        self.aws_request_id = rid
+        self._deadline = deadline
+        self.invoked_function_arn = arn
+        self.function_name = base["function_name"]
+        self.function_version = base["function_version"]
+        self.memory_limit_in_mb = base["memory_limit_in_mb"]
+        self.log_group_name = base["log_group_name"]
+        self.log_stream_name = base["log_stream_name"]
+        self.identity = None
+        self.client_context = None
+
+    def get_remaining_time_in_millis(self) -> int:
+        import time
+
+        return max(0, int((self._deadline - time.time()) * 1000))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv)

@@ -1,0 +1,182 @@
+"""The composition root: builds every part, wires them, runs them.
+
+:class:`Nimbus` owns the lifecycle (open stores, load functions, start the
+autoscaler; on shutdown stop accepting, let in-flight invocations finish,
+kill every instance). :func:`serve` runs it under uvicorn (uvloop + httptools)
+for ``nimbus up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from nimbus.api import build_api
+from nimbus.config import Settings
+from nimbus.errors import NimbusError
+from nimbus.executor import Executor, Launcher, ProcessLauncher
+from nimbus.functions import Functions, read_spec_file
+from nimbus.gateway import Gateway
+from nimbus.gateway.app import PREFIX
+from nimbus.invoke import Invoker
+from nimbus.observability.logs import LogStore
+from nimbus.observability.metrics import Metrics
+from nimbus.packaging import CodeStore, LayerStore, package_directory
+from nimbus.runtimes import available_runtimes
+from nimbus.scheduling import Scheduler
+from nimbus.store import SqliteStore
+
+log = logging.getLogger("nimbus")
+
+
+class Nimbus:
+    """One node: control plane and data plane in one asyncio process."""
+
+    def __init__(self, settings: Settings, *, launcher: Launcher | None = None) -> None:
+        self.settings = settings
+        data = settings.data_dir
+        runtimes = available_runtimes()
+        self.store = SqliteStore(data / "nimbus.db")
+        self.logs = LogStore(data / "logs.db", max_records_per_function=settings.max_log_records_per_function)
+        self.code = CodeStore(
+            data,
+            max_zip_bytes=settings.max_zip_bytes,
+            max_unpacked_bytes=settings.max_unpacked_bytes,
+            python=next(iter(runtimes.values())).executable,
+        )
+        self.layers = LayerStore(data, python=sys.executable)
+        self.executor = Executor(
+            launcher or ProcessLauncher(),
+            runtimes,
+            self.code.path,
+            self.layers.path,
+            self.logs.emit,
+            max_log_bytes=settings.max_log_bytes_per_invocation,
+        )
+        self.scheduler = Scheduler(
+            self.executor,
+            max_instances=settings.max_instances,
+            queue_depth=settings.queue_depth,
+            queue_timeout=settings.queue_timeout,
+        )
+        self.functions = Functions(
+            self.store, self.code, self.layers, self.scheduler, self.logs, frozenset(runtimes)
+        )
+        self.metrics = Metrics(self._instance_counts)
+        self.invoker = Invoker(
+            self.functions, self.scheduler, self.logs, self.metrics,
+            max_payload=settings.max_sync_payload,
+        )
+        self.gateway = Gateway(self.invoker)
+        self.api = build_api(
+            self.functions,
+            self.invoker,
+            self.scheduler,
+            self.logs,
+            self.metrics,
+            tmp_dir=data / "tmp",
+            max_zip_bytes=settings.max_zip_bytes,
+            lifespan=self._lifespan,
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI entry point: the gateway's prefix goes straight to it, the rest to the API."""
+        if scope["type"] == "http" and scope["path"].startswith(PREFIX):
+            await self.gateway(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+    def _instance_counts(self) -> Iterable[tuple[str, str, int]]:
+        for record in self.functions.list():
+            c = self.scheduler.counts(record.name)
+            yield record.name, "idle", c.idle
+            yield record.name, "busy", c.busy
+            yield record.name, "starting", c.starting
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        await self.logs.open()
+        await self.functions.load()
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.close()
+        await self.logs.close()
+        await self.store.close()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def deploy_directory(self, directory: Path) -> tuple[str, int, bool]:
+        """Deploy a function directory in-process (``nimbus up --deploy``)."""
+        spec = read_spec_file(directory)
+        data = await asyncio.to_thread(package_directory, directory)
+        tmp = self.settings.data_dir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="deploy-", suffix=".zip", dir=tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            record, changed = await self.functions.deploy(spec, Path(name))
+        finally:
+            Path(name).unlink(missing_ok=True)
+        return record.name, record.current.number, changed
+
+
+def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
+    """Run a node until SIGTERM/SIGINT (blocking): ``nimbus up``."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    node = Nimbus(settings)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets)
+            if self.should_exit:
+                return
+            base = f"http://{settings.host}:{self.servers[0].sockets[0].getsockname()[1]}" if self.servers else ""
+            print(f"Nimbus is up on {base} (data in {settings.data_dir})", flush=True)
+            for directory in deploy:
+                try:
+                    fname, number, changed = await node.deploy_directory(directory)
+                except NimbusError as e:
+                    print(f"  could not deploy {directory}: {e.message}", file=sys.stderr, flush=True)
+                    continue
+                state = "deployed" if changed else "unchanged"
+                print(f"  {fname} (version {number}, {state}):  curl {base}/function/{fname}", flush=True)
+
+    config = uvicorn.Config(
+        node,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        server_header=False,
+    )
+    server = _Server(config)
+    server.run()
+    if server.should_exit and not server.started:
+        raise SystemExit(1)

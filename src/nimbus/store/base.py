@@ -1,0 +1,45 @@
+"""The ``FunctionStore`` protocol: everything the control plane needs from a database.
+
+Kept narrow so that the embedded SQLite store and the cluster PostgreSQL store
+are siblings behind it. Version numbers are assigned by the store, inside its
+transaction, so two concurrent publishes can never get the same number.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from nimbus.models import FunctionRecord, FunctionSpec, Version
+
+
+class FunctionStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def load(self) -> list[FunctionRecord]:
+        """Every function with its latest version."""
+        ...
+
+    async def publish(
+        self,
+        spec: FunctionSpec,
+        code_sha256: str,
+        layer_sha256: str | None,
+        *,
+        create: bool,
+    ) -> FunctionRecord:
+        """Publish a new version of ``spec.name``.
+
+        ``create=True`` makes a new function (``ResourceConflict`` if it exists);
+        ``create=False`` adds a version to an existing one (``ResourceNotFound`` if not).
+        """
+        ...
+
+    async def versions(self, name: str) -> list[Version]:
+        """Every version of a function, oldest first (``ResourceNotFound`` if none)."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Remove a function and all its versions (``ResourceNotFound`` if missing)."""
+        ...

@@ -1,0 +1,200 @@
+"""A real Nimbus server in a subprocess, for end-to-end tests (like uvicorn's run_server)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from nimbus.packaging import package_directory
+
+FIXTURES = Path(__file__).parent / "fixtures" / "functions"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def instance_pids(data_dir: Path) -> list[int]:
+    """Processes whose working directory is inside ``data_dir``: our instances."""
+    found = []
+    root = str(data_dir.resolve())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd.startswith(root):
+            found.append(int(entry))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def build_wheel(directory: Path, name: str = "nimbus_testdep", version: str = "1.0") -> Path:
+    """A minimal pure-Python wheel, so dependency installs need no network."""
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": b"VALUE = 'from a dependency layer'\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: nimbus-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+    return wheel
+
+
+def zip_of(fixture: str | Path, *, name: str | None = None) -> tuple[dict[str, Any], bytes]:
+    directory = FIXTURES / fixture if isinstance(fixture, str) else fixture
+    spec = yaml.safe_load((directory / "nimbus.yaml").read_text())
+    if name is not None:
+        spec["name"] = name
+    return spec, package_directory(directory)
+
+
+def make_zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for path, data in entries.items():
+            z.writestr(path, data)
+    return buf.getvalue()
+
+
+class NimbusServer:
+    """``python -m nimbus up`` on a free port with its own data dir."""
+
+    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **(env or {})}
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"server-{self.port}.log"
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def start(self) -> NimbusServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nimbus", "up", "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._log.close()
+                raise RuntimeError(f"nimbus up exited with {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if self.client.get("/healthz", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"nimbus up did not become healthy:\n{self.output()}")
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        if hasattr(self, "_log") and not self._log.closed:
+            self._log.close()
+        for pid in instance_pids(self.data_dir):  # never leave anything behind, even on failure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.client.close()
+
+    # -- API helpers ---------------------------------------------------------------------
+    def deploy(self, fixture: str | Path, *, name: str | None = None, **overrides: Any) -> httpx.Response:
+        spec, code = zip_of(fixture, name=name)
+        spec.update(overrides)
+        return self.create(spec, code)
+
+    def create(self, spec: dict[str, Any], code: bytes) -> httpx.Response:
+        return self.client.post(
+            "/v1/functions",
+            data={"spec": json.dumps(spec)},
+            files={"code": ("code.zip", code, "application/zip")},
+        )
+
+    def update(self, name: str, spec: dict[str, Any] | None = None, code: bytes | None = None) -> httpx.Response:
+        data = {"spec": json.dumps(spec)} if spec is not None else {}
+        files = {"code": ("code.zip", code, "application/zip")} if code is not None else None
+        return self.client.put(f"/v1/functions/{name}", data=data, files=files)
+
+    def invoke(self, name: str, event: Any = None, **kw: Any) -> httpx.Response:
+        return self.client.post(f"/v1/functions/{name}/invoke", content=json.dumps(event or {}), **kw)
+
+    def logs(self, name: str, **params: Any) -> list[dict[str, Any]]:
+        r = self.client.get(f"/v1/functions/{name}/logs", params=params)
+        r.raise_for_status()
+        return list(r.json()["records"])
+
+    def wait_logs(self, name: str, predicate: Any, timeout: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.logs(name)
+            if predicate(records) or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running(data_dir: Path, **kw: Any) -> Iterator[NimbusServer]:
+    server = NimbusServer(data_dir, **kw)
+    try:
+        yield server.start()
+    finally:
+        server.close()
