@@ -12,7 +12,7 @@ import struct
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ from nimbus.errors import (
     ResourceNotFound,
 )
 from nimbus.packaging import CodeStore, LayerStore, has_requirements, package_directory
-from nimbus.packaging import layers as layers_module
 from nimbus.packaging.code import remove_tree
 from nimbus.packaging.layers import check_requirements
 from nimbus.packaging.zips import check_entries, extract, human_size
@@ -197,7 +196,7 @@ def test_check_handler(root: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidParameterValue) as e:
         store.check_handler(sha, "pkg.nope.handler")
     assert "expected pkg/nope.py or pkg/nope/__init__.py" in e.value.message
-    with pytest.raises(InvalidParameterValue, match="must be module.function"):
+    with pytest.raises(InvalidParameterValue, match=r"must be module\.function"):
         store.check_handler(sha, "app")
     with pytest.raises(InvalidParameterValue, match="identifiers"):
         store.check_handler(sha, "../app.handler")
@@ -282,7 +281,7 @@ def test_put_rejects_corrupt_member(root: Path, tmp_path: Path) -> None:
     data[at] ^= 0xFF
     corrupt = tmp_path / "corrupt.zip"
     corrupt.write_bytes(bytes(data))
-    with pytest.raises(InvalidParameterValue, match="zip entry 'app.py' is corrupt"):
+    with pytest.raises(InvalidParameterValue, match=r"zip entry 'app\.py' is corrupt"):
         make_store(root).put(corrupt)
     assert leftovers(root) == []
 
@@ -519,7 +518,6 @@ def test_requirements_allowed(line: str) -> None:
 # --- LayerStore ------------------------------------------------------------------------
 
 
-
 @pytest.fixture
 def pip_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     """Record every subprocess LayerStore starts (and still start it)."""
@@ -530,7 +528,7 @@ def pip_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
         runs.append(args)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(layers_module.asyncio, "create_subprocess_exec", spawn)
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
     return runs
 
 
@@ -613,7 +611,9 @@ def test_ensure_installs_once_and_caches(
     requirements = b"# test dependency\nnimbus_testpkg==1.0\n"
 
     async def deploy_three_at_once() -> list[str]:
-        return list(await asyncio.gather(*(store.ensure(requirements, "python3.11") for _ in "abc")))
+        return list(
+            await asyncio.gather(*(store.ensure(requirements, "python3.11") for _ in "abc"))
+        )
 
     keys = asyncio.run(deploy_three_at_once())
     assert keys == [LayerStore.key(requirements, "python3.11")] * 3

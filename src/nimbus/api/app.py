@@ -39,6 +39,7 @@ from nimbus.invoke import Invoker
 from nimbus.models import FunctionRecord, Version
 from nimbus.observability.logs import LogStore, parse_since
 from nimbus.observability.metrics import Metrics
+from nimbus.packaging.zips import too_large
 from nimbus.scheduling import Scheduler
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -144,9 +145,7 @@ def build_api(
             yield None
             return
         if code.size is not None and code.size > max_zip_bytes:
-            raise RequestTooLarge(
-                f"code zip is {code.size / 1e6:.1f} MB; the limit is {max_zip_bytes / 1e6:.0f} MB"
-            )
+            raise RequestTooLarge(too_large("code zip is", code.size, max_zip_bytes))
         tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=tmp_dir)
         path = Path(name)

@@ -14,7 +14,7 @@ import typer
 
 if TYPE_CHECKING:
     import httpx
-    from rich.console import Console
+    from rich.console import Console, RenderableType
 
     from nimbus.cli.client import Client
 
@@ -73,6 +73,17 @@ def stdout_console() -> Console:
     if not console.is_terminal:
         console.width = 240
     return console
+
+
+def print_table(table: RenderableType) -> None:
+    """Print a table on stdout; piped, without the padding rich leaves at line ends."""
+    console = stdout_console()
+    if console.is_terminal:
+        console.print(table)
+        return
+    with console.capture() as captured:
+        console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def human_size(n: int) -> str:

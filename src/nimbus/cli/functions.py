@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from nimbus.cli.common import CliError, age, human_size, open_client, state, stdout_console
+from nimbus.cli.common import (
+    CliError,
+    age,
+    human_size,
+    open_client,
+    print_table,
+    state,
+    stdout_console,
+)
 from nimbus.errors import InvalidParameterValue
 
 if TYPE_CHECKING:
@@ -189,7 +197,7 @@ class _Steps:
 
 
 def _columns() -> list[ProgressColumn | str]:
-    """Spinner, step, then a byte bar for the upload or a short detail for the others."""
+    """Spinner, step, then the upload's byte bar or another step's detail."""
     from rich.console import RenderableType
     from rich.progress import (
         BarColumn,
@@ -201,25 +209,27 @@ def _columns() -> list[ProgressColumn | str]:
     )
     from rich.text import Text
 
-    class UploadBar(ProgressColumn):
+    class BarOrDetail(ProgressColumn):
+        """The upload's byte bar; for the other steps, their detail (the zip's size)."""
+
         def __init__(self) -> None:
             super().__init__()
             self._bar = BarColumn(bar_width=30)
 
         def render(self, task: Task) -> RenderableType:
-            return self._bar.render(task) if task.fields.get("bytes") else Text("")
-
-    class Detail(DownloadColumn):
-        def render(self, task: Task) -> Text:
             if task.fields.get("bytes"):
-                return super().render(task)
+                return self._bar.render(task)
             return Text(str(task.fields.get("detail", "")), style="dim")
+
+    class Bytes(DownloadColumn):
+        def render(self, task: Task) -> Text:
+            return super().render(task) if task.fields.get("bytes") else Text("")
 
     return [
         SpinnerColumn(finished_text="[green]✓"),
         TextColumn("{task.description}"),
-        UploadBar(),
-        Detail(),
+        BarOrDetail(),
+        Bytes(binary_units=True),
     ]
 
 
@@ -331,7 +341,7 @@ def list_functions(
             f"{instances.get('idle', 0)} idle / {instances.get('busy', 0)} busy",
             age(fn.get("updated_at")),
         )
-    stdout_console().print(table)
+    print_table(table)
 
 
 def describe(
@@ -406,7 +416,7 @@ def describe(
     grid.add_column()
     for key, value in rows:
         grid.add_row(Text(key), Text(value))
-    stdout_console().print(grid)
+    print_table(grid)
 
 
 def delete(

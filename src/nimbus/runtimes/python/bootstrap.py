@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:  # noqa: C901 - one linear loop, easier to re
     handler_log = logging.StreamHandler(sys.stdout)
     handler_log.setFormatter(
         logging.Formatter(
-            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n",
+            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
             "%Y-%m-%dT%H:%M:%S",
         )
     )
