@@ -62,8 +62,13 @@ def build_wheel(directory: Path, name: str = "nimbus_testdep", version: str = "1
     dist = f"{name}-{version}.dist-info"
     files = {
         f"{name}.py": b"VALUE = 'from a dependency layer'\n",
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n".encode(),
-        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: nimbus-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}/METADATA": (
+            f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n"
+        ).encode(),
+        f"{dist}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: nimbus-tests\nRoot-Is-Purelib: true\n"
+            b"Tag: py3-none-any\n"
+        ),
     }
     record = []
     for path, data in files.items():
@@ -98,7 +103,9 @@ def make_zip(entries: dict[str, bytes]) -> bytes:
 class NimbusServer:
     """``python -m nimbus up`` on a free port with its own data dir."""
 
-    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -112,7 +119,17 @@ class NimbusServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nimbus", "up", "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args],
+            [
+                sys.executable,
+                "-m",
+                "nimbus",
+                "up",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                *self.args,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -121,7 +138,9 @@ class NimbusServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._log.close()
-                raise RuntimeError(f"nimbus up exited with {self.proc.returncode}:\n{self.output()}")
+                raise RuntimeError(
+                    f"nimbus up exited with {self.proc.returncode}:\n{self.output()}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if self.client.get("/healthz", timeout=1).status_code == 200:
                     return self
@@ -157,7 +176,9 @@ class NimbusServer:
         self.client.close()
 
     # -- API helpers ---------------------------------------------------------------------
-    def deploy(self, fixture: str | Path, *, name: str | None = None, **overrides: Any) -> httpx.Response:
+    def deploy(
+        self, fixture: str | Path, *, name: str | None = None, **overrides: Any
+    ) -> httpx.Response:
         spec, code = zip_of(fixture, name=name)
         spec.update(overrides)
         return self.create(spec, code)
@@ -169,13 +190,17 @@ class NimbusServer:
             files={"code": ("code.zip", code, "application/zip")},
         )
 
-    def update(self, name: str, spec: dict[str, Any] | None = None, code: bytes | None = None) -> httpx.Response:
+    def update(
+        self, name: str, spec: dict[str, Any] | None = None, code: bytes | None = None
+    ) -> httpx.Response:
         data = {"spec": json.dumps(spec)} if spec is not None else {}
         files = {"code": ("code.zip", code, "application/zip")} if code is not None else None
         return self.client.put(f"/v1/functions/{name}", data=data, files=files)
 
     def invoke(self, name: str, event: Any = None, **kw: Any) -> httpx.Response:
-        return self.client.post(f"/v1/functions/{name}/invoke", content=json.dumps(event or {}), **kw)
+        return self.client.post(
+            f"/v1/functions/{name}/invoke", content=json.dumps(event or {}), **kw
+        )
 
     def logs(self, name: str, **params: Any) -> list[dict[str, Any]]:
         r = self.client.get(f"/v1/functions/{name}/logs", params=params)

@@ -11,7 +11,6 @@ version serves until then.
 from __future__ import annotations
 
 import asyncio
-
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ class Functions:
             raise ResourceNotFound(f"function {name!r} does not exist")
         return record
 
-    def list(self) -> list[FunctionRecord]:
+    def all(self) -> list[FunctionRecord]:
         return [self._records[k] for k in sorted(self._records)]
 
     async def versions(self, name: str) -> list[Version]:
@@ -89,7 +88,9 @@ class Functions:
             spec = current.spec
             if spec_data is not None:
                 if not isinstance(spec_data, dict):
-                    raise InvalidParameterValue("invalid function spec: expected a mapping of fields")
+                    raise InvalidParameterValue(
+                        "invalid function spec: expected a mapping of fields"
+                    )
                 if spec_data.get("name", name) != name:
                     raise InvalidParameterValue(
                         f"invalid function spec: name: cannot rename {name!r} to "
@@ -97,7 +98,11 @@ class Functions:
                     )
                 merged = current.spec.model_dump(mode="json")
                 for key, value in spec_data.items():
-                    if isinstance(value, dict) and isinstance(merged.get(key), dict) and key == "scaling":
+                    if (
+                        isinstance(value, dict)
+                        and isinstance(merged.get(key), dict)
+                        and key == "scaling"
+                    ):
                         merged[key] = {**merged[key], **value}
                     else:
                         merged[key] = value
@@ -113,8 +118,9 @@ class Functions:
         if spec.name not in self._records:
             return await self.create(spec_data, zip_path), True
         async with self._locks[spec.name]:
-            return await self._publish(spec, zip_path, self.current(spec.name), create=False,
-                                       skip_unchanged=True)
+            before = self.current(spec.name)
+            record = await self._publish(spec, zip_path, before, create=False, skip_unchanged=True)
+            return record, record.current.number != before.number
 
     async def delete(self, name: str) -> None:
         async with self._locks[name]:
@@ -140,9 +146,9 @@ class Functions:
             assert current is not None
             code = current.code_sha256
         self._code.check_handler(code, spec.handler)
-        if skip_unchanged and current is not None:
-            if current.spec == spec and current.code_sha256 == code:
-                return self._records[spec.name]
+        unchanged = current is not None and current.spec == spec and current.code_sha256 == code
+        if skip_unchanged and unchanged:
+            return self._records[spec.name]
         requirements = self._code.requirements(code)
         layer = None
         if requirements is not None and has_requirements(requirements):
@@ -161,7 +167,9 @@ def read_spec_file(directory: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise InvalidParameterValue(f"{path}: no such file (a function directory needs nimbus.yaml)") from None
+        raise InvalidParameterValue(
+            f"{path}: no such file (a function directory needs nimbus.yaml)"
+        ) from None
     except OSError as e:
         raise InvalidParameterValue(f"{path}: {e.strerror}") from None
     try:
@@ -171,5 +179,3 @@ def read_spec_file(directory: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidParameterValue(f"{path}: expected a mapping of fields")
     return data
-
-

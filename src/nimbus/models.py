@@ -149,7 +149,9 @@ def parse_spec(data: Any, *, known_runtimes: frozenset[str] | None = None) -> Fu
             f"available: {', '.join(sorted(known_runtimes))}"
         )
     if spec.scaling.min > spec.scaling.max:
-        raise InvalidParameterValue("invalid function spec: scaling.min must not exceed scaling.max")
+        raise InvalidParameterValue(
+            "invalid function spec: scaling.min must not exceed scaling.max"
+        )
     if spec.scaling.concurrency != 1:
         raise InvalidParameterValue(
             "invalid function spec: scaling.concurrency: python runtimes serve one "

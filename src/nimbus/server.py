@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -47,7 +46,9 @@ class Nimbus:
         data = settings.data_dir
         runtimes = available_runtimes()
         self.store = SqliteStore(data / "nimbus.db")
-        self.logs = LogStore(data / "logs.db", max_records_per_function=settings.max_log_records_per_function)
+        self.logs = LogStore(
+            data / "logs.db", max_records_per_function=settings.max_log_records_per_function
+        )
         self.code = CodeStore(
             data,
             max_zip_bytes=settings.max_zip_bytes,
@@ -74,7 +75,10 @@ class Nimbus:
         )
         self.metrics = Metrics(self._instance_counts)
         self.invoker = Invoker(
-            self.functions, self.scheduler, self.logs, self.metrics,
+            self.functions,
+            self.scheduler,
+            self.logs,
+            self.metrics,
             max_payload=settings.max_sync_payload,
         )
         self.gateway = Gateway(self.invoker)
@@ -97,7 +101,7 @@ class Nimbus:
             await self.api(scope, receive, send)
 
     def _instance_counts(self) -> Iterable[tuple[str, str, int]]:
-        for record in self.functions.list():
+        for record in self.functions.all():
             c = self.scheduler.counts(record.name)
             yield record.name, "idle", c.idle
             yield record.name, "busy", c.busy
@@ -153,16 +157,25 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
             await super().startup(sockets)
             if self.should_exit:
                 return
-            base = f"http://{settings.host}:{self.servers[0].sockets[0].getsockname()[1]}" if self.servers else ""
+            base = (
+                f"http://{settings.host}:{self.servers[0].sockets[0].getsockname()[1]}"
+                if self.servers
+                else ""
+            )
             print(f"Nimbus is up on {base} (data in {settings.data_dir})", flush=True)
             for directory in deploy:
                 try:
                     fname, number, changed = await node.deploy_directory(directory)
                 except NimbusError as e:
-                    print(f"  could not deploy {directory}: {e.message}", file=sys.stderr, flush=True)
+                    print(
+                        f"  could not deploy {directory}: {e.message}", file=sys.stderr, flush=True
+                    )
                     continue
                 state = "deployed" if changed else "unchanged"
-                print(f"  {fname} (version {number}, {state}):  curl {base}/function/{fname}", flush=True)
+                print(
+                    f"  {fname} (version {number}, {state}):  curl {base}/function/{fname}",
+                    flush=True,
+                )
 
     config = uvicorn.Config(
         node,

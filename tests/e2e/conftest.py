@@ -19,5 +19,9 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[NimbusServer]:
     """One real ``nimbus up`` shared by a test module; tests use their own function names."""
     env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)}
-    with running(tmp_path_factory.mktemp("nimbus") / "data", env=env, args=["--queue-depth", "2", "--queue-timeout", "1"]) as s:
+    with running(
+        tmp_path_factory.mktemp("nimbus") / "data",
+        env=env,
+        args=["--queue-depth", "2", "--queue-timeout", "1"],
+    ) as s:
         yield s

@@ -41,7 +41,9 @@ def test_versions_update_and_delete(server: NimbusServer) -> None:
     assert third["version"] == 3 and third["code_sha256"] != first["code_sha256"]
     assert third["spec"]["memory"] == 256
     assert [v["version"] for v in third["versions"]] == [1, 2, 3]
-    assert server.invoke("fn-ver", {"queryStringParameters": {"name": "v3"}}).json() == {"hello": "v3"}
+    assert server.invoke("fn-ver", {"queryStringParameters": {"name": "v3"}}).json() == {
+        "hello": "v3"
+    }
 
     listed = [f["name"] for f in server.client.get("/v1/functions").json()["functions"]]
     assert "fn-ver" in listed
@@ -67,7 +69,10 @@ def test_update_errors(server: NimbusServer) -> None:
 def test_update_replaces_instances_with_new_version(server: NimbusServer) -> None:
     assert server.deploy("env-context", name="fn-roll").status_code == 201
     assert server.invoke("fn-roll").json()["greeting"] == "hi"
-    assert server.update("fn-roll", spec={"environment": {"GREETING": "hello again"}}).status_code == 200
+    assert (
+        server.update("fn-roll", spec={"environment": {"GREETING": "hello again"}}).status_code
+        == 200
+    )
     out = server.invoke("fn-roll").json()
     assert out["greeting"] == "hello again" and out["function_version"] == "2"
 
@@ -88,7 +93,9 @@ def test_update_replaces_instances_with_new_version(server: NimbusServer) -> Non
         ({}, "name: is required"),
     ],
 )
-def test_invalid_specs_are_rejected(server: NimbusServer, spec: dict[str, object], needle: str) -> None:
+def test_invalid_specs_are_rejected(
+    server: NimbusServer, spec: dict[str, object], needle: str
+) -> None:
     _, code = zip_of("hello")
     status, wire, msg = error_of(server.create(spec, code))
     assert (status, wire) == (400, "InvalidParameterValue")
@@ -160,7 +167,7 @@ def test_zip_bomb_over_unpacked_limit_is_rejected(server: NimbusServer) -> None:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("app.py", "def handler(e, c):\n    return 1\n")
         z.writestr("zeros.bin", b"\0" * (251 * 1024 * 1024))
-    status, wire, msg = error_of(server.create({"name": "bomb"}, buf.getvalue()))
+    status, _wire, msg = error_of(server.create({"name": "bomb"}, buf.getvalue()))
     assert status in (400, 413) and "250" in msg, msg
 
 
@@ -203,7 +210,9 @@ def test_failing_install_fails_deploy_and_previous_version_keeps_serving(
     assert "nimbus-no-such-package-xyz" in msg and "requirements.txt" in msg
     desc = server.client.get("/v1/functions/fn-pipfail").json()
     assert desc["version"] == 1
-    assert server.invoke("fn-pipfail", {"queryStringParameters": {"name": "still"}}).json() == {"hello": "still"}
+    assert server.invoke("fn-pipfail", {"queryStringParameters": {"name": "still"}}).json() == {
+        "hello": "still"
+    }
 
 
 def test_openapi_and_health(server: NimbusServer) -> None:

@@ -99,8 +99,12 @@ def test_timeout_kills_process_group_and_next_call_works(server: NimbusServer) -
     r = server.invoke("inv-timeout", {"sleep": 30, "child": True})
     assert r.headers["x-nimbus-function-error"] == "Timeout"
     assert r.json()["errorMessage"] == "Task timed out after 1.00 seconds"
-    records = server.wait_logs("inv-timeout", lambda rs: any("Status: timeout" in x["message"] for x in rs))
-    child = next(int(x["message"].split()[-1]) for x in records if x["message"].startswith("child pid"))
+    records = server.wait_logs(
+        "inv-timeout", lambda rs: any("Status: timeout" in x["message"] for x in rs)
+    )
+    child = next(
+        int(x["message"].split()[-1]) for x in records if x["message"].startswith("child pid")
+    )
     deadline = time.monotonic() + 5
     while pid_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -124,7 +128,11 @@ def test_gateway_timeout_is_504(server: NimbusServer) -> None:
 
 def test_crashes_fail_only_their_invocation(server: NimbusServer) -> None:
     assert server.deploy("crash", name="inv-crash").status_code == 201
-    for how, needle in (("exit", "exit status 3"), ("os_exit", "exit status 7"), ("segfault", "signal: segmentation fault")):
+    for how, needle in (
+        ("exit", "exit status 3"),
+        ("os_exit", "exit status 7"),
+        ("segfault", "signal: segmentation fault"),
+    ):
         r = server.invoke("inv-crash", {"how": how})
         assert r.headers["x-nimbus-function-error"] == "Crash", how
         assert r.json()["errorType"] == "Runtime.ExitError"
@@ -208,6 +216,10 @@ def test_idle_instances_stop_after_keep_warm(server: NimbusServer) -> None:
 def test_base64_roundtrip_is_not_lossy(server: NimbusServer) -> None:
     assert server.deploy("http-full", name="inv-b64").status_code == 201
     payload = os.urandom(2048)
-    r = server.client.post("/function/inv-b64/echo", content=payload, headers={"content-type": "application/octet-stream"})
+    r = server.client.post(
+        "/function/inv-b64/echo",
+        content=payload,
+        headers={"content-type": "application/octet-stream"},
+    )
     assert bytes.fromhex(r.json()["body"]) == payload
     assert base64.b64encode(payload)

@@ -24,7 +24,9 @@ def test_restart_keeps_functions_versions_and_logs(tmp_path: Path) -> None:
         desc = s.client.get("/v1/functions/persist").json()
         assert desc["version"] == 2 and desc["spec"]["memory"] == 512
         assert [v["version"] for v in desc["versions"]] == [1, 2]
-        assert s.client.get("/function/persist", params={"name": "again"}).json() == {"hello": "again"}
+        assert s.client.get("/function/persist", params={"name": "again"}).json() == {
+            "hello": "again"
+        }
         messages = [r["message"] for r in s.logs("persist")]
         assert sum(m.startswith("REPORT") for m in messages) >= 1
 
@@ -85,7 +87,16 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         import sys
 
         out = subprocess.run(
-            [sys.executable, "-m", "nimbus", "up", "--port", str(first.port), "--data-dir", str(tmp_path / "b")],
+            [
+                sys.executable,
+                "-m",
+                "nimbus",
+                "up",
+                "--port",
+                str(first.port),
+                "--data-dir",
+                str(tmp_path / "b"),
+            ],
             capture_output=True,
             text=True,
             timeout=30,

@@ -15,7 +15,9 @@ def test_invocation_output_is_framed_by_start_end_report(server: NimbusServer) -
     assert server.deploy("print-lots", name="log-lines").status_code == 201
     r = server.invoke("log-lines", {"lines": 2})
     rid = r.headers["x-nimbus-request-id"]
-    records = server.wait_logs("log-lines", lambda rs: any(x["message"].startswith("REPORT") for x in rs))
+    records = server.wait_logs(
+        "log-lines", lambda rs: any(x["message"].startswith("REPORT") for x in rs)
+    )
     messages = [x["message"] for x in records]
     assert messages[0] == "init line from module top"
     assert records[0]["request_id"] == ""
@@ -26,20 +28,32 @@ def test_invocation_output_is_framed_by_start_end_report(server: NimbusServer) -
     assert mine[5] == f"END RequestId: {rid}"
     report = mine[6]
     assert report.startswith(f"REPORT RequestId: {rid}\tDuration: ")
-    for field in ("Billed Duration: ", "Memory Size: 128 MB", "Max Memory Used: ", "Init Duration: "):
+    for field in (
+        "Billed Duration: ",
+        "Memory Size: 128 MB",
+        "Max Memory Used: ",
+        "Init Duration: ",
+    ):
         assert field in report
     # A warm invocation has no Init Duration.
     r2 = server.invoke("log-lines", {"lines": 0})
     rid2 = r2.headers["x-nimbus-request-id"]
-    records = server.wait_logs("log-lines", lambda rs: any(x["message"].startswith(f"REPORT RequestId: {rid2}") for x in rs))
-    report2 = next(x["message"] for x in records if x["message"].startswith(f"REPORT RequestId: {rid2}"))
+    records = server.wait_logs(
+        "log-lines",
+        lambda rs: any(x["message"].startswith(f"REPORT RequestId: {rid2}") for x in rs),
+    )
+    report2 = next(
+        x["message"] for x in records if x["message"].startswith(f"REPORT RequestId: {rid2}")
+    )
     assert "Init Duration" not in report2
 
 
 def test_error_is_logged(server: NimbusServer) -> None:
     assert server.deploy("fails", name="log-fails").status_code == 201
     rid = server.invoke("log-fails").headers["x-nimbus-request-id"]
-    records = server.wait_logs("log-fails", lambda rs: any(x["message"].startswith("REPORT") for x in rs))
+    records = server.wait_logs(
+        "log-fails", lambda rs: any(x["message"].startswith("REPORT") for x in rs)
+    )
     mine = [x["message"] for x in records if x["request_id"] == rid]
     assert any(m.startswith("[ERROR] PaymentDeclined: card 4242 was declined") for m in mine)
 
@@ -47,7 +61,9 @@ def test_error_is_logged(server: NimbusServer) -> None:
 def test_init_failure_is_logged(server: NimbusServer) -> None:
     assert server.deploy("init-error", name="log-initerr").status_code == 201
     server.invoke("log-initerr")
-    records = server.wait_logs("log-initerr", lambda rs: any(x["message"].startswith("REPORT") for x in rs))
+    records = server.wait_logs(
+        "log-initerr", lambda rs: any(x["message"].startswith("REPORT") for x in rs)
+    )
     messages = [x["message"] for x in records]
     assert any("INIT_REPORT" in m and "Runtime.ImportModuleError" in m for m in messages)
     assert any("No module named 'a_module_that_does_not_exist'" in m for m in messages)
@@ -57,7 +73,9 @@ def test_limit_since_after_and_bad_params(server: NimbusServer) -> None:
     assert server.deploy("print-lots", name="log-filter").status_code == 201
     for _ in range(3):
         server.invoke("log-filter", {"lines": 1})
-    records = server.wait_logs("log-filter", lambda rs: sum(x["message"].startswith("REPORT") for x in rs) == 3)
+    records = server.wait_logs(
+        "log-filter", lambda rs: sum(x["message"].startswith("REPORT") for x in rs) == 3
+    )
     last_two = server.logs("log-filter", limit=2)
     assert [x["seq"] for x in last_two] == [x["seq"] for x in records[-2:]]
     after = server.logs("log-filter", after=records[-3]["seq"])
@@ -77,9 +95,10 @@ def test_follow_streams_new_records(server: NimbusServer) -> None:
     done = threading.Event()
 
     def follow() -> None:
-        with httpx.Client(base_url=server.url, timeout=None) as c, c.stream(
-            "GET", "/v1/functions/log-follow/logs", params={"follow": "true"}
-        ) as r:
+        with (
+            httpx.Client(base_url=server.url, timeout=None) as c,
+            c.stream("GET", "/v1/functions/log-follow/logs", params={"follow": "true"}) as r,
+        ):
             assert r.headers["content-type"].startswith("application/x-ndjson")
             for line in r.iter_lines():
                 seen.append(json.loads(line))

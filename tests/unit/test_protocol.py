@@ -6,12 +6,23 @@ import asyncio
 import uuid
 
 from nimbus.executor.output import OutputReader
-from nimbus.executor.protocol import HEADER, INVOKE, RESULT, SENTINEL_PREFIX, decode_frames, encode_frame
+from nimbus.executor.protocol import (
+    HEADER,
+    INVOKE,
+    RESULT,
+    SENTINEL_PREFIX,
+    decode_frames,
+    encode_frame,
+)
 
 
 def test_frames_round_trip_and_split_anywhere() -> None:
     rid = uuid.uuid4().bytes
-    wire = encode_frame(INVOKE, rid, 12.5, 0, b'{"a": 1}') + encode_frame(RESULT, rid, 0.25, 2048, b"") + encode_frame(RESULT, rid, 1.0, 7, b"x" * 70000)
+    wire = (
+        encode_frame(INVOKE, rid, 12.5, 0, b'{"a": 1}')
+        + encode_frame(RESULT, rid, 0.25, 2048, b"")
+        + encode_frame(RESULT, rid, 1.0, 7, b"x" * 70000)
+    )
     for cut in (1, 7, HEADER.size, HEADER.size + 3, 100, len(wire) - 1):
         buf = bytearray(wire[:cut])
         frames = decode_frames(buf)

@@ -72,15 +72,23 @@ def make(executor: FakeExecutor | None = None, **kw: Any) -> tuple[Scheduler, Fa
 
 # -- decide ---------------------------------------------------------------------------------
 
+
 def test_decide_stops_instances_idle_past_keep_warm_oldest_first() -> None:
-    state = PoolState(idle=(IdleInstance("a", 0), IdleInstance("b", 50), IdleInstance("c", 90)), busy=0, starting=0, waiting=0)
+    state = PoolState(
+        idle=(IdleInstance("a", 0), IdleInstance("b", 50), IdleInstance("c", 90)),
+        busy=0,
+        starting=0,
+        waiting=0,
+    )
     d = decide(state, ScalingSpec(keep_warm=40), now=100)
     assert d.stop == ("a", "b")
     assert d.start == 0
 
 
 def test_decide_keeps_min_instances_and_starts_up_to_min() -> None:
-    state = PoolState(idle=(IdleInstance("a", 0), IdleInstance("b", 0)), busy=0, starting=0, waiting=0)
+    state = PoolState(
+        idle=(IdleInstance("a", 0), IdleInstance("b", 0)), busy=0, starting=0, waiting=0
+    )
     assert decide(state, ScalingSpec(min=1, keep_warm=10), now=100).stop == ("a",)
     empty = PoolState(idle=(), busy=1, starting=0, waiting=0)
     assert decide(empty, ScalingSpec(min=3), now=0).start == 2
@@ -93,6 +101,7 @@ def test_decide_retired_pool_stops_all_idle_and_starts_nothing() -> None:
 
 
 # -- admission ------------------------------------------------------------------------------
+
 
 def test_scale_from_zero_then_reuse_warm_instance() -> None:
     async def run() -> None:
@@ -129,7 +138,7 @@ def test_max_instances_per_function_then_queue_then_429() -> None:
 
 def test_node_cap_evicts_idle_instance_of_another_function() -> None:
     async def run() -> None:
-        s, ex, _ = make(max_instances=1)
+        s, _ex, _ = make(max_instances=1)
         a = await s.acquire(version("a"))
         s.release(a)
         b = await s.acquire(version("b"))
@@ -142,7 +151,7 @@ def test_node_cap_evicts_idle_instance_of_another_function() -> None:
 
 def test_node_cap_with_everything_busy_queues_until_capacity_frees() -> None:
     async def run() -> None:
-        s, ex, _ = make(max_instances=1, queue_timeout=2)
+        s, _ex, _ = make(max_instances=1, queue_timeout=2)
         a = await s.acquire(version("a"))
         waiting = asyncio.create_task(s.acquire(version("b")))
         await asyncio.sleep(0.01)
@@ -157,7 +166,7 @@ def test_node_cap_with_everything_busy_queues_until_capacity_frees() -> None:
 
 def test_init_failure_frees_the_slot() -> None:
     async def run() -> None:
-        s, ex, _ = make(FakeExecutor(fail=True))
+        s, _ex, _ = make(FakeExecutor(fail=True))
         with pytest.raises(InitFailed):
             await s.acquire(version())
         assert s.total == 0 and s.counts("f").total == 0
@@ -167,7 +176,7 @@ def test_init_failure_frees_the_slot() -> None:
 
 def test_idle_instances_stop_after_keep_warm_and_pool_goes_to_zero() -> None:
     async def run() -> None:
-        s, ex, clock = make()
+        s, _ex, clock = make()
         v = version(keep_warm=60)
         inst = await s.acquire(v)
         s.release(inst)
@@ -184,7 +193,7 @@ def test_idle_instances_stop_after_keep_warm_and_pool_goes_to_zero() -> None:
 
 def test_keep_warm_zero_stops_on_release() -> None:
     async def run() -> None:
-        s, ex, _ = make()
+        s, _ex, _ = make()
         inst = await s.acquire(version(keep_warm=0))
         s.release(inst)
         await asyncio.sleep(0)
@@ -195,7 +204,7 @@ def test_keep_warm_zero_stops_on_release() -> None:
 
 def test_min_instances_are_prewarmed_by_tick() -> None:
     async def run() -> None:
-        s, ex, _ = make()
+        s, _ex, _ = make()
         v = version(min=2)
         s._pool(v)  # a deployed function with min > 0 has a pool
         await s.tick()
@@ -207,7 +216,7 @@ def test_min_instances_are_prewarmed_by_tick() -> None:
 
 def test_retire_stops_idle_now_and_busy_on_release_and_refuses_waiters() -> None:
     async def run() -> None:
-        s, ex, _ = make(queue_timeout=2)
+        s, _ex, _ = make(queue_timeout=2)
         v1 = version(number=1, max=2)
         busy = await s.acquire(v1)
         idle = await s.acquire(v1)
@@ -226,7 +235,7 @@ def test_retire_stops_idle_now_and_busy_on_release_and_refuses_waiters() -> None
 
 def test_waiter_that_times_out_after_being_served_gives_instance_back() -> None:
     async def run() -> None:
-        s, ex, _ = make(queue_timeout=5)
+        s, _ex, _ = make(queue_timeout=5)
         v = version(max=1)
         held = await s.acquire(v)
         task = asyncio.create_task(s.acquire(v))
@@ -242,7 +251,7 @@ def test_waiter_that_times_out_after_being_served_gives_instance_back() -> None:
 
 def test_close_stops_everything() -> None:
     async def run() -> None:
-        s, ex, _ = make()
+        s, _ex, _ = make()
         a = await s.acquire(version("a"))
         b = await s.acquire(version("b"))
         s.release(b)

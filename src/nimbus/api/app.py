@@ -96,16 +96,22 @@ def build_api(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> Response:
-        code = {404: "ResourceNotFound", 405: "InvalidParameterValue"}.get(e.status_code, "ServiceException")
+        code = {404: "ResourceNotFound", 405: "InvalidParameterValue"}.get(
+            e.status_code, "ServiceException"
+        )
         message = "no such route" if e.status_code == 404 else str(e.detail)
-        return JSONResponse({"error": {"code": code, "message": message}}, status_code=e.status_code)
+        return JSONResponse(
+            {"error": {"code": code, "message": message}}, status_code=e.status_code
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, e: Exception) -> Response:
         return _error(ServiceException(f"internal error: {type(e).__name__}"))
 
     # -- helpers ---------------------------------------------------------------------------
-    def function_out(record: FunctionRecord, versions: list[Version] | None = None) -> dict[str, Any]:
+    def function_out(
+        record: FunctionRecord, versions: list[Version] | None = None
+    ) -> dict[str, Any]:
         v = record.current
         counts = scheduler.counts(record.name)
         out: dict[str, Any] = {
@@ -126,7 +132,11 @@ def build_api(
         }
         if versions is not None:
             out["versions"] = [
-                {"version": x.number, "created_at": _iso(x.created_at), "code_sha256": x.code_sha256}
+                {
+                    "version": x.number,
+                    "created_at": _iso(x.created_at),
+                    "code_sha256": x.code_sha256,
+                }
                 for x in versions
             ]
         return out
@@ -181,7 +191,7 @@ def build_api(
 
     @app.get("/v1/functions", tags=["functions"])
     async def list_functions() -> Any:
-        return {"functions": [function_out(r) for r in functions.list()]}
+        return {"functions": [function_out(r) for r in functions.all()]}
 
     @app.get("/v1/functions/{name}", tags=["functions"])
     async def get_function(name: str) -> Any:
@@ -226,18 +236,22 @@ def build_api(
         if follow:
 
             async def stream() -> AsyncIterator[bytes]:
-                async for record in logs.follow(name, since=since_ts, after=after, request_id=request_id):
+                async for record in logs.follow(
+                    name, since=since_ts, after=after, request_id=request_id
+                ):
                     yield orjson.dumps(record.to_wire()) + b"\n"
 
             return StreamingResponse(stream(), media_type="application/x-ndjson")
-        records = await logs.query(name, since=since_ts, after=after, limit=limit, request_id=request_id)
+        records = await logs.query(
+            name, since=since_ts, after=after, limit=limit, request_id=request_id
+        )
         nxt = records[-1].seq if records else (after or 0)
         return {"records": [r.to_wire() for r in records], "next": nxt}
 
     # -- health and metrics ------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Any:
-        return {"status": "ok", "functions": len(functions.list()), "instances": scheduler.total}
+        return {"status": "ok", "functions": len(functions.all()), "instances": scheduler.total}
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus() -> Response:

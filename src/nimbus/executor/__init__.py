@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from nimbus.executor.instance import Instance, State, describe_exit, error_body
-from nimbus.executor.launcher import InstanceProcess, LaunchPlan, Launcher, ProcessLauncher
+from nimbus.executor.launcher import InstanceProcess, Launcher, LaunchPlan, ProcessLauncher
 from nimbus.executor.output import OutputContext, OutputReader
 from nimbus.executor.protocol import INIT_ERROR, READY, Channel, Frame, InstanceGone
 from nimbus.models import Version
@@ -118,7 +118,9 @@ class Executor:
             message = describe_exit(returncode)
             emit("", message)
             self._init_failed(output, init_ctx, 0.0, "Runtime.ExitError")
-            raise InitFailed(error_body("Runtime.ExitError", message), 0.0, "Runtime.ExitError") from None
+            raise InitFailed(
+                error_body("Runtime.ExitError", message), 0.0, "Runtime.ExitError"
+            ) from None
         except BaseException:
             process.kill()
             channel.close()

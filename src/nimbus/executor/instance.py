@@ -37,7 +37,12 @@ class State(Enum):
 
 def error_body(error_type: str, message: str, request_id: str = "") -> bytes:
     return orjson.dumps(
-        {"errorMessage": message, "errorType": error_type, "requestId": request_id, "stackTrace": []}
+        {
+            "errorMessage": message,
+            "errorType": error_type,
+            "requestId": request_id,
+            "stackTrace": [],
+        }
     )
 
 

@@ -116,7 +116,9 @@ class Channel(asyncio.Protocol):
             self._waiter = fut
         return fut
 
-    def send(self, kind: int, request_id: bytes, seconds: float, body: bytes) -> asyncio.Future[Frame]:
+    def send(
+        self, kind: int, request_id: bytes, seconds: float, body: bytes
+    ) -> asyncio.Future[Frame]:
         """Send a frame and return the future of the reply."""
         fut = self.next_frame()
         if self._transport is None or self._closed:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import MutableMapping
 from typing import Any
-
 
 import orjson
 
@@ -20,7 +20,7 @@ from nimbus.invoke import Invoker
 
 PREFIX = "/function/"
 JSON = (b"content-type", b"application/json")
-Scope = dict[str, Any]
+Scope = MutableMapping[str, Any]
 
 
 class Gateway:
@@ -66,9 +66,7 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
             except ValueError:
                 declared = 0
             if declared > limit:
-                raise RequestTooLarge(
-                    f"payload is {declared} bytes; the limit is {limit} bytes"
-                )
+                raise RequestTooLarge(f"payload is {declared} bytes; the limit is {limit} bytes")
             break
     chunks: list[bytes] = []
     size = 0
@@ -90,5 +88,3 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
 async def _send(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-

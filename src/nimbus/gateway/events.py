@@ -21,7 +21,7 @@ import base64
 import binascii
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NotRequired, TypedDict
 from urllib.parse import parse_qsl
@@ -96,7 +96,7 @@ _TEXT_TYPES: Final = frozenset(
 
 
 def build_event(
-    scope: dict[str, Any],
+    scope: MutableMapping[str, Any],
     body: bytes,
     function_path: str,
     request_id: str,

@@ -114,20 +114,19 @@ class Scheduler:
         pool.waiters.append(waiter)
         try:
             async with asyncio.timeout(self._queue_timeout):
-                inst = await waiter
+                served = await waiter
         except TimeoutError:
             self._abandon(pool, waiter)
             raise TooManyRequests(
-                f"function {version.name!r} had no free instance within "
-                f"{self._queue_timeout:g} s",
+                f"function {version.name!r} had no free instance within {self._queue_timeout:g} s",
                 retry_after=1,
             ) from None
         except asyncio.CancelledError:
             self._abandon(pool, waiter)
             raise
-        if inst is None:  # a slot was reserved for us: start our own instance
+        if served is None:  # a slot was reserved for us: start our own instance
             return await self._start(pool, reserved=True)
-        return inst
+        return served
 
     def _abandon(self, pool: _Pool, waiter: asyncio.Future[Instance | None]) -> None:
         """A waiter gave up; if it had already been served, undo that."""
@@ -247,7 +246,11 @@ class Scheduler:
                 if not self._can_start(pool):
                     break
                 self._prewarm(pool)
-            if pool.total == 0 and not pool.waiters and (pool.retired or pool.version.spec.scaling.min == 0):
+            if (
+                pool.total == 0
+                and not pool.waiters
+                and (pool.retired or pool.version.spec.scaling.min == 0)
+            ):
                 del self._pools[key]
         self._wake_for_capacity()
 

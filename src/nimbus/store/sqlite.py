@@ -114,9 +114,12 @@ class SqliteStore:
                         (spec.name, now, number),
                     )
                 else:
-                    db.execute("UPDATE functions SET latest = ? WHERE name = ?", (number, spec.name))
+                    db.execute(
+                        "UPDATE functions SET latest = ? WHERE name = ?", (number, spec.name)
+                    )
                 db.execute(
-                    "INSERT INTO versions (name, number, spec, code_sha256, layer_sha256, created_at)"
+                    "INSERT INTO versions"
+                    " (name, number, spec, code_sha256, layer_sha256, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (spec.name, number, spec_json, code_sha256, layer_sha256, now),
                 )
@@ -162,5 +165,9 @@ def _version(row: tuple[object, ...] | list[object]) -> Version:
     number, spec_json, code, layer, created = row
     spec = FunctionSpec.model_validate(orjson.loads(str(spec_json)))
     return Version(
-        spec, int(str(number)), str(code), None if layer is None else str(layer), float(str(created))
+        spec,
+        int(str(number)),
+        str(code),
+        None if layer is None else str(layer),
+        float(str(created)),
     )

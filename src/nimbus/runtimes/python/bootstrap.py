@@ -31,7 +31,7 @@ READY, INIT_ERROR, INVOKE, RESULT, ERROR = 1, 2, 3, 4, 5
 SENTINEL_PREFIX = b"\x00\x1fnimbus-end:"
 
 
-def main(argv: list[str]) -> None:  # noqa: C901 - one linear loop, easier to read whole
+def main(argv: list[str]) -> None:
     import importlib
     import json
     import logging
@@ -105,12 +105,15 @@ def main(argv: list[str]) -> None:  # noqa: C901 - one linear loop, easier to re
     try:
         try:
             module = importlib.import_module(module_name)
-        except Exception as e:  # noqa: BLE001 - every import failure is the user's
-            if isinstance(e, ModuleNotFoundError) or isinstance(e, ImportError):
+        except Exception as e:
+            if isinstance(e, (ModuleNotFoundError, ImportError)):
                 msg = f"Unable to import module '{module_name}': {e}"
                 raise _InitError("Runtime.ImportModuleError", msg, e) from None
-            raise _InitError("Runtime.ImportModuleError", f"Unable to import module "
-                             f"'{module_name}': {type(e).__name__}: {e}", e) from None
+            raise _InitError(
+                "Runtime.ImportModuleError",
+                f"Unable to import module '{module_name}': {type(e).__name__}: {e}",
+                e,
+            ) from None
         fn = getattr(module, function_name, None)
         if fn is None:
             raise _InitError(
@@ -130,9 +133,14 @@ def main(argv: list[str]) -> None:  # noqa: C901 - one linear loop, easier to re
             traceback.print_exception(e.cause, file=sys.stderr)
         print(f"[ERROR] {e.error_type}: {e.message}", file=sys.stderr)
         body = json.dumps(
-            {"errorMessage": e.message, "errorType": e.error_type, "requestId": "",
-             "stackTrace": traceback.format_list(traceback.extract_tb(e.cause.__traceback__))
-             if e.cause is not None else []}
+            {
+                "errorMessage": e.message,
+                "errorType": e.error_type,
+                "requestId": "",
+                "stackTrace": traceback.format_list(traceback.extract_tb(e.cause.__traceback__))
+                if e.cause is not None
+                else [],
+            }
         ).encode()
         end_of_output()
         send(INIT_ERROR, bytes(16), init_s, 0, body)
@@ -170,18 +178,26 @@ def main(argv: list[str]) -> None:  # noqa: C901 - one linear loop, easier to re
                 out = json.dumps(result, separators=(",", ":")).encode()
             except (TypeError, ValueError) as e:
                 out_kind = ERROR
-                out = json.dumps({"errorMessage": f"Unable to marshal response: {e}",
-                                  "errorType": "Runtime.MarshalError", "requestId": rid,
-                                  "stackTrace": []}).encode()
-                print(f"[ERROR] Runtime.MarshalError: Unable to marshal response: {e}",
-                      file=sys.stderr)
+                out = json.dumps(
+                    {
+                        "errorMessage": f"Unable to marshal response: {e}",
+                        "errorType": "Runtime.MarshalError",
+                        "requestId": rid,
+                        "stackTrace": [],
+                    }
+                ).encode()
+                print(
+                    f"[ERROR] Runtime.MarshalError: Unable to marshal response: {e}",
+                    file=sys.stderr,
+                )
             else:
                 out_kind = RESULT
-        except Exception as e:  # noqa: BLE001 - the handler's exception is its result
+        except Exception as e:
             out_kind, out = ERROR, error_body(e, rid=rid)
             lines = traceback.format_exception(e)
-            print(f"[ERROR] {type(e).__name__}: {e}\n" + "".join(lines).rstrip("\n"),
-                  file=sys.stderr)
+            print(
+                f"[ERROR] {type(e).__name__}: {e}\n" + "".join(lines).rstrip("\n"), file=sys.stderr
+            )
         elapsed = time.perf_counter() - t0
         maxrss = max_rss_kib()
         current["rid"] = ""
