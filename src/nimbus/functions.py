@@ -80,7 +80,10 @@ class Functions:
     async def update(
         self, name: str, spec_data: Any | None, zip_path: Path | None
     ) -> FunctionRecord:
-        """A new version from new code and/or spec fields (given fields replace current ones)."""
+        """A new version from new code and/or spec fields (given fields replace current ones).
+
+        Sending the code and spec that already serve publishes nothing.
+        """
         if spec_data is None and zip_path is None:
             raise InvalidParameterValue("nothing to update: send a new 'spec', 'code', or both")
         async with self._locks[name]:
@@ -107,7 +110,7 @@ class Functions:
                     else:
                         merged[key] = value
                 spec = parse_spec(merged, known_runtimes=self._runtimes)
-            return await self._publish(spec, zip_path, current, create=False)
+            return await self._publish(spec, zip_path, current, create=False, skip_unchanged=True)
 
     async def deploy(self, spec_data: Any, zip_path: Path) -> tuple[FunctionRecord, bool]:
         """Create or replace (the whole spec, as ``nimbus deploy`` does); ``(record, changed)``.

@@ -69,7 +69,7 @@ class FunctionSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 "must start with a lowercase letter and contain only lowercase letters, "
                 "digits and '-', at most 63 characters"
@@ -79,7 +79,7 @@ class FunctionSpec(BaseModel):
     @field_validator("handler")
     @classmethod
     def _handler(cls, v: str) -> str:
-        if not HANDLER_RE.match(v):
+        if not HANDLER_RE.fullmatch(v):
             raise ValueError("must be 'module.function', e.g. 'app.handler'")
         return v
 
@@ -101,7 +101,7 @@ class FunctionSpec(BaseModel):
     @classmethod
     def _environment(cls, v: dict[str, str]) -> dict[str, str]:
         for key in v:
-            if not ENV_KEY_RE.match(key):
+            if not ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"{key!r} is not a valid variable name")
             if key in RESERVED_ENV or key.startswith("AWS_LAMBDA_"):
                 raise ValueError(f"{key!r} is set by Nimbus and cannot be overridden")

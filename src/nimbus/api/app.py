@@ -234,12 +234,24 @@ def build_api(
         functions.get(name)
         since_ts = parse_since(since, time.time()) if since else None
         if follow:
+            # The latest `limit` records (or those matching since/after), then live ones.
+            backlog = await logs.query(
+                name, since=since_ts, after=after, limit=limit, request_id=request_id
+            )
+            start = backlog[-1].seq if backlog else (after if after is not None else None)
 
             async def stream() -> AsyncIterator[bytes]:
-                async for record in logs.follow(
-                    name, since=since_ts, after=after, request_id=request_id
-                ):
+                for record in backlog:
                     yield orjson.dumps(record.to_wire()) + b"\n"
+                live = logs.follow(
+                    name,
+                    since=since_ts if start is None else None,
+                    after=start,
+                    request_id=request_id,
+                )
+                async with contextlib.aclosing(live):
+                    async for record in live:
+                        yield orjson.dumps(record.to_wire()) + b"\n"
 
             return StreamingResponse(stream(), media_type="application/x-ndjson")
         records = await logs.query(

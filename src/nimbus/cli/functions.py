@@ -73,8 +73,9 @@ def deploy(
                 raise
             exists = False
 
-        # The spec as the user wrote it: the server fills in its own defaults.
-        upload = Upload.build(raw_spec, code)
+        # nimbus.yaml is the whole truth: an update sends every field (defaults filled in),
+        # so a line deleted from the file resets that field instead of keeping its old value.
+        upload = Upload.build(spec.model_dump(mode="json") if exists else raw_spec, code)
         steps.begin("Uploading", total=upload.size)
 
         def sent() -> None:

@@ -1,0 +1,6 @@
+def handler(event, context):
+    return {
+        "statusCode": 200,
+        "headers": {"content-type": "application/json"},
+        "body": '{"hello":"world"}',
+    }
