@@ -9,6 +9,8 @@ PORT   ?= 8080
 .PHONY: up test lint bench clean
 
 $(STAMP): pyproject.toml requirements.lock
+	@# The sandbox's seccomp filter is built with libseccomp (Debian: libseccomp2).
+	@ldconfig -p | grep -q 'libseccomp.so.2 ' || { test "$$(id -u)" = 0 && apt-get update -qq && apt-get install -y -qq libseccomp2; } || echo "warning: libseccomp2 is missing: only --insecure-no-sandbox will work"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip==25.3
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'

@@ -2,17 +2,21 @@
 
 One run, loopback only, load generators in other processes (``wrk``, and
 bench/seqclient.py for sequential fresh-connection requests). Bounded in time
-(about a minute). Every process started here is stopped by pid in a ``finally``,
-and the temporary directory is removed. The summary is printed and written to
-bench/results/latest.md (plus latest.json and the server logs). See docs/benchmarks.md.
+(about a minute and a half). Every process started here is stopped by pid in a
+``finally``, and the temporary directory is removed. The summary is printed and
+written to bench/results/latest.md (plus latest.json, wrk-raw.txt and
+nimbus-server.log; the directory is gitignored). See docs/benchmarks.md.
 
 Phases:
-1. functions-framework (PyPI) serving the same handler, its default server
-   (gunicorn, 1 worker, 4 threads per CPU), then with WORKERS=<cores> (labelled).
-2. ``nimbus up`` on a free port: warm throughput through ``/function/hello``.
-3. Latency at one connection: the gateway vs the ``/v1/.../invoke`` API path.
+1. Start functions-framework (PyPI) serving the same handler twice: its default
+   server (gunicorn, 1 worker, 4 threads per CPU), and with WORKERS=<cores>
+   (labelled "tuned"); start ``nimbus up`` on a free port and deploy bench/functions.
+2. Warm throughput: one wrk warm-up each, then ``ROUNDS`` rounds of the same wrk
+   command against each server, interleaved, with the CPU each one used.
+3. Peers stopped; latency at one connection: the gateway vs the ``/v1/.../invoke`` path.
 4. Cold start: functions with ``keep_warm: 0`` (every request starts an instance),
-   N sequential requests, each on a fresh connection, with a pause between them.
+   N sequential requests, each on a fresh connection, with a pause between them;
+   the ``REPORT ... Init Duration`` log lines confirm each one was cold.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +60,7 @@ WRK_CONNS = 16
 WRK_SECONDS = 5
 WARMUP_SECONDS = 2
 SOLO_SECONDS = 3  # the one-connection latency runs
+ROUNDS = 3  # interleaved warm-throughput rounds per server
 COLD_N = 50
 COLD_PAUSE = 0.05
 
@@ -92,12 +99,25 @@ def machine() -> dict[str, str]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = "not installed"
+    import nimbus
+
+    source = Path(nimbus.__file__).resolve().parent.parent
+    repo = BENCH.parent
+    git = ["git", "-C", str(repo)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True)
     return {
+        "nimbus_source": str(source),
+        "commit": commit.stdout.strip() or "unknown",
+        "src_dirty": ("yes" if dirty.stdout.strip() else "no")
+        if source == repo / "src"
+        else "n/a (Nimbus not imported from this repository)",
         "date": dt.date.today().isoformat(),
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "wrk": wrk_version.split("[")[0].strip() or "unknown",
         **versions,
     }
@@ -177,6 +197,39 @@ def rmtree(path: Path) -> None:
         shutil.rmtree(path, onerror=make_writable)
 
 
+# -- CPU accounting ---------------------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int, int]:
+    """(busy, total, steal) jiffies over all CPUs, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    total = sum(fields[:8])
+    return total - idle, total, fields[7]
+
+
+def proc_ticks(pids: list[int]) -> dict[int, int]:
+    """utime + stime (jiffies) of each pid still alive."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def group_pids(pgid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid:
+                    found.append(int(entry))
+    return sorted(found)
+
+
 # -- wrk --------------------------------------------------------------------------------------
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
@@ -199,23 +252,46 @@ class Wrk:
     non_2xx: int = 0
     socket_errors: dict[str, int] = field(default_factory=dict)
     raw: str = ""
+    #: During the run: all CPUs busy (%), steal (%), wrk's own CPU seconds, and the CPU
+    #: seconds of each server process (pid order as given by the caller's ``pids``).
+    busy_pct: float = float("nan")
+    steal_pct: float = float("nan")
+    wrk_cpu_s: float = float("nan")
+    server_cpu_s: list[float] = field(default_factory=list)
 
     @property
     def errors(self) -> int:
         return self.non_2xx + sum(self.socket_errors.values())
 
 
-def wrk(url: str, *, conns: int, seconds: int, script: Path | None = None) -> Wrk:
+def wrk(
+    url: str,
+    *,
+    conns: int,
+    seconds: int,
+    script: Path | None = None,
+    pids: Callable[[], list[int]] | None = None,
+) -> Wrk:
     argv = ["wrk", f"-t{WRK_THREADS}", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if script is not None:
         argv += ["-s", str(script)]
     argv.append(url)
+    watched = pids() if pids is not None else []
+    before = proc_ticks(watched)
+    m0, ru0 = machine_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    m1, ru1 = machine_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = proc_ticks(watched)
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr}{out.stdout}")
     text = out.stdout
     shown = " ".join(a if a != str(script) else script.name for a in argv) if script else None
     r = Wrk(command=shown or " ".join(argv), raw=text)
+    total = max(1, m1[1] - m0[1])
+    r.busy_pct = 100 * (m1[0] - m0[0]) / total
+    r.steal_pct = 100 * (m1[2] - m0[2]) / total
+    r.wrk_cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    r.server_cpu_s = [(after.get(p, 0) - before.get(p, 0)) / CLK_TCK for p in watched]
     r.rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
     r.requests = int(re.search(r"(\d+) requests in", text).group(1))  # type: ignore[union-attr]
     for q in ("50", "90", "99"):
@@ -258,8 +334,23 @@ def seqclient(url: str, n: int, pause: float, expect: str = EXPECTED_BODY) -> Se
     return Seq(shown, data["latencies_ms"], data["statuses"], data["unexpected"])
 
 
-# -- the peer -----------------------------------------------------------------------------------
-def bench_peer(tmp: Path, label: str, extra_env: dict[str, str]) -> dict[str, Any]:
+# -- servers under load -------------------------------------------------------------------------
+@dataclass
+class Target:
+    """One server measured with the same wrk command, ``ROUNDS`` times, interleaved."""
+
+    label: str
+    url: str
+    command: str
+    pids: Callable[[], list[int]]
+    runs: list[Wrk] = field(default_factory=list)
+    processes: int = 0
+
+    def median(self) -> Wrk:
+        return sorted(self.runs, key=lambda w: w.rps)[len(self.runs) // 2]
+
+
+def start_peer(tmp: Path, label: str, extra_env: dict[str, str]) -> tuple[Proc, Target]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("WORKERS", "THREADS", "DEBUG")}
     env.update(extra_env)
@@ -267,41 +358,18 @@ def bench_peer(tmp: Path, label: str, extra_env: dict[str, str]) -> dict[str, An
     argv = [exe, "--target", "hello", "--source", str(PEER_SOURCE), "--host", HOST]
     argv += ["--port", str(port)]
     proc = Proc(label, argv, tmp / f"peer-{port}.log", env)
-    url = f"http://{HOST}:{port}/function/hello"
-    try:
-        wait_http(proc, url)
-        body = httpx.get(url).text
-        if body != EXPECTED_BODY:
-            raise RuntimeError(f"{label} answered {body!r}")
-        log(f"{label}: warm-up {WARMUP_SECONDS} s, then wrk {WRK_SECONDS} s")
-        wrk(url, conns=WRK_CONNS, seconds=WARMUP_SECONDS)
-        result = wrk(url, conns=WRK_CONNS, seconds=WRK_SECONDS)
-        procs = _group_size(proc.p.pid)
-    finally:
-        proc.stop()
     shown_env = " ".join(f"{k}={v}" for k, v in extra_env.items())
     command = (
         "functions-framework --target hello --source bench/peer/ff_hello.py "
         f"--host {HOST} --port <free>"
     )
-    return {
-        "label": label,
-        "command": (shown_env + " " if shown_env else "") + command,
-        "processes": procs,
-        "wrk": result,
-        "log_tail": proc.output()[-2000:],
-    }
-
-
-def _group_size(pgid: int) -> int:
-    n = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid:
-                    n += 1
-    return n
+    target = Target(
+        label=label,
+        url=f"http://{HOST}:{port}/function/hello",
+        command=(shown_env + " " if shown_env else "") + command,
+        pids=lambda: group_pids(proc.p.pid),
+    )
+    return proc, target
 
 
 # -- Nimbus -------------------------------------------------------------------------------------
@@ -310,7 +378,10 @@ class Nimbus:
         self.data_dir = tmp / "nimbus-data"
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.log_path = tmp / "nimbus-server.log"
+        # Kept in bench/results/ (gitignored) so a failed run can be looked at.
+        RESULTS.mkdir(exist_ok=True)
+        self.log_path = RESULTS / "nimbus-server.log"
+        self.log_path.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "nimbus", "up", "--host", HOST, "--port", str(self.port)]
         argv += ["--data-dir", str(self.data_dir)]
         self.proc = Proc("nimbus up", argv, self.log_path, dict(os.environ))
@@ -367,10 +438,27 @@ def wait_instances(nimbus: Nimbus, name: str, total: int, timeout: float = 5) ->
         time.sleep(0.05)
 
 
-def bench_nimbus(tmp: Path) -> dict[str, Any]:
-    nimbus = Nimbus(tmp)
+def check_body(label: str, url: str) -> None:
+    body = httpx.get(url, timeout=30).text
+    if body != EXPECTED_BODY:
+        raise RuntimeError(f"{label} answered {body!r} at {url}")
+
+
+def run_all(tmp: Path) -> dict[str, Any]:
+    cores = str(os.cpu_count() or 1)
+    peers: list[tuple[Proc, Target]] = []
+    nimbus: Nimbus | None = None
     out: dict[str, Any] = {}
     try:
+        # -- start everything ------------------------------------------------------------------
+        peers.append(start_peer(tmp, "functions-framework, default (gunicorn, 1 worker)", {}))
+        peers.append(
+            start_peer(tmp, f"functions-framework, WORKERS={cores} (tuned)", {"WORKERS": cores})
+        )
+        for proc, t in peers:
+            wait_http(proc, t.url)
+            check_body(t.label, t.url)
+        nimbus = Nimbus(tmp)
         t0 = time.monotonic()
         nimbus.wait()
         out["startup_s"] = time.monotonic() - t0
@@ -380,19 +468,34 @@ def bench_nimbus(tmp: Path) -> dict[str, Any]:
         nimbus.deploy(hello_dir, name="hello-cold", scaling=cold_scaling)
         nimbus.deploy(heavy_dir, name="heavy", scaling=cold_scaling)
         out["specs"] = {n: nimbus.describe(n)["spec"] for n in ("hello", "hello-cold", "heavy")}
-
-        # -- warm throughput ------------------------------------------------------------------
         url = f"{nimbus.url}/function/hello"
-        body = httpx.get(url).text
-        if body != EXPECTED_BODY:
-            raise RuntimeError(f"nimbus /function/hello answered {body!r}")
-        log(f"nimbus: warm-up {WARMUP_SECONDS} s, then wrk {WRK_SECONDS} s")
-        out["warmup"] = wrk(url, conns=WRK_CONNS, seconds=WARMUP_SECONDS)
-        out["instances_before"] = nimbus.describe("hello")["instances"]
-        out["warm"] = wrk(url, conns=WRK_CONNS, seconds=WRK_SECONDS)
-        out["instances_after"] = nimbus.describe("hello")["instances"]
+        check_body("nimbus", url)
+        nb = nimbus  # for the lambda below (mypy: not Optional)
+        nimbus_target = Target(
+            label="Nimbus `/function/hello`",
+            url=url,
+            command=f"python -m nimbus up --host {HOST} --port <free> --data-dir <tmp>",
+            pids=lambda: [nb.proc.p.pid, *instance_pids(nb.data_dir)],
+        )
+        targets = [nimbus_target] + [t for _, t in peers]
 
-        # -- one connection: gateway vs API invoke -------------------------------------------
+        # -- warm throughput: warm-up, then ROUNDS interleaved rounds -----------------------------
+        for t in targets:
+            log(f"warm-up {WARMUP_SECONDS} s: {t.label}")
+            wrk(t.url, conns=WRK_CONNS, seconds=WARMUP_SECONDS)
+        out["instances_before"] = nimbus.describe("hello")["instances"]
+        for r in range(ROUNDS):
+            order = targets[r % len(targets) :] + targets[: r % len(targets)]
+            for t in order:
+                log(f"round {r + 1}/{ROUNDS}, wrk {WRK_SECONDS} s: {t.label}")
+                t.runs.append(wrk(t.url, conns=WRK_CONNS, seconds=WRK_SECONDS, pids=t.pids))
+        out["instances_after"] = nimbus.describe("hello")["instances"]
+        for proc, t in peers:
+            t.processes = len(group_pids(proc.p.pid))
+            proc.stop()
+        out["targets"] = targets
+
+        # -- one connection: gateway vs API invoke (peers stopped) -------------------------------
         log(f"nimbus: one-connection latency, gateway and API, {SOLO_SECONDS} s each")
         script = tmp / "invoke.lua"
         script.write_text('wrk.method = "POST"\nwrk.body = "{}"\n')
@@ -402,8 +505,8 @@ def bench_nimbus(tmp: Path) -> dict[str, Any]:
 
         # -- sequential, fresh connection per request: warm baseline, then cold ---------------
         log(f"nimbus: {COLD_N} sequential requests each to hello (warm), hello-cold, heavy")
-        out["seq_warm"] = seqclient(url, COLD_N, COLD_PAUSE)
         reports_before = len(nimbus.reports("hello"))
+        out["seq_warm"] = seqclient(url, COLD_N, COLD_PAUSE)
         for name in ("hello-cold", "heavy"):
             out[f"cold_{name}"] = seqclient(f"{nimbus.url}/function/{name}", COLD_N, COLD_PAUSE)
             out[f"instances_left_{name}"] = wait_instances(nimbus, name, 0)
@@ -411,13 +514,17 @@ def bench_nimbus(tmp: Path) -> dict[str, Any]:
             out[f"reports_{name}"] = len(reports)
             out[f"inits_{name}"] = init_durations(reports)
         warm_reports = nimbus.reports("hello")
+        out["seq_warm_reports"] = len(warm_reports) - reports_before
         out["seq_warm_inits"] = len(init_durations(warm_reports[reports_before:]))
         out["healthz"] = nimbus.client.get("/healthz").json()
     finally:
-        nimbus.stop()
-        out["server_log"] = nimbus.proc.output()
-        out["server_exit"] = nimbus.proc.p.returncode
-        out["leftover_instances"] = len(instance_pids(nimbus.data_dir))
+        for proc, _ in peers:
+            proc.stop()
+        if nimbus is not None:
+            nimbus.stop()
+            out["server_log"] = nimbus.proc.output()
+            out["server_exit"] = nimbus.proc.p.returncode
+            out["leftover_instances"] = len(instance_pids(nimbus.data_dir))
     return out
 
 
@@ -430,9 +537,24 @@ def f2(x: float) -> str:
     return f"{x:.2f}" if x == x else "n/a"
 
 
-def errs(w: Wrk) -> str:
-    se = ", ".join(f"{k} {v}" for k, v in w.socket_errors.items() if v) or "0"
-    return f"{w.non_2xx} / {se}"
+def errors_of(runs: list[Wrk]) -> str:
+    non_2xx = sum(w.non_2xx for w in runs)
+    sock: dict[str, int] = {}
+    for w in runs:
+        for k, v in w.socket_errors.items():
+            sock[k] = sock.get(k, 0) + v
+    shown = ", ".join(f"{k} {v}" for k, v in sock.items() if v) or "0"
+    return f"{non_2xx} / {shown}"
+
+
+def cpu_of(w: Wrk, nimbus: bool) -> str:
+    if not w.server_cpu_s:
+        return "n/a"
+    first, *rest = w.server_cpu_s
+    if nimbus:
+        return f"nimbus up {first:.2f} + {len(rest)} instances {sum(rest):.2f} in all"
+    # The group leader (lowest pid) is gunicorn's arbiter; the others are its workers.
+    return f"arbiter {first:.2f} + workers " + ", ".join(f"{x:.2f}" for x in rest)
 
 
 def server_problems(text: str) -> list[str]:
@@ -440,61 +562,93 @@ def server_problems(text: str) -> list[str]:
     return [line for line in text.splitlines() if keep.search(line)]
 
 
-def report(info: dict[str, str], peers: list[dict[str, Any]], nb: dict[str, Any]) -> str:
-    warm: Wrk = nb["warm"]
+def report(info: dict[str, str], nb: dict[str, Any]) -> str:
+    targets: list[Target] = nb["targets"]
+    nimbus_t, peers = targets[0], targets[1:]
+    warm = nimbus_t.median()
+    cmd = f"wrk -t{WRK_THREADS} -c{WRK_CONNS} -d{WRK_SECONDS}s --latency"
     lines = [
         f"# Nimbus benchmark, {info['date']}",
         "",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
         f"Python {info['python']}, {info['wrk']}, functions-framework "
         f"{info['functions-framework']} (gunicorn {info['gunicorn']}, Flask {info['flask']}). "
-        "Loopback only.",
+        f"Loopback only. Load average at start: {info['loadavg']}.",
         "",
-        f"## Warm throughput: `wrk -t{WRK_THREADS} -c{WRK_CONNS} -d{WRK_SECONDS}s --latency`",
+        f"Nimbus imported from `{info['nimbus_source']}`; repository HEAD {info['commit']}, "
+        f"uncommitted changes under src/: {info['src_dirty']}.",
         "",
-        "| server | req/s | p50 ms | p90 ms | p99 ms | requests | non-2xx / socket errors |"
-        " Nimbus ÷ this |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
-        f"| Nimbus `/function/hello` ({nb['instances_before']['total']} warm instances) "
-        f"| {f1(warm.rps)} | {f2(warm.p50_ms)} | {f2(warm.p90_ms)} | {f2(warm.p99_ms)} "
-        f"| {warm.requests:,} | {errs(warm)} | - |",
+        f"## Warm throughput: `{cmd}`",
+        "",
+        f"{ROUNDS} rounds, servers interleaved (order rotated each round); the median round "
+        "by req/s is shown, with every round's req/s. Nimbus ÷ peer uses the medians; "
+        "'same round' divides the runs of each round.",
+        "",
+        "| server | req/s (median) | req/s per round | p50 ms | p90 ms | p99 ms "
+        "| non-2xx / socket errors (all rounds) | Nimbus ÷ this | same round |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | --- |",
     ]
-    for peer in peers:
-        w: Wrk = peer["wrk"]
-        ratio = warm.rps / w.rps if w.rps else float("nan")
+    for t in targets:
+        w = t.median()
+        per_round = ", ".join(f"{x.rps:,.0f}" for x in t.runs)
+        if t is nimbus_t:
+            label = f"{t.label} ({nb['instances_before']['total']} warm instances)"
+            ratio, same = "-", "-"
+        else:
+            label = t.label
+            ratio = f"**{f2(warm.rps / w.rps)}**" if w.rps else "n/a"
+            same = ", ".join(
+                f2(a.rps / b.rps) if b.rps else "n/a"
+                for a, b in zip(nimbus_t.runs, t.runs, strict=True)
+            )
         lines.append(
-            f"| {peer['label']} | {f1(w.rps)} | {f2(w.p50_ms)} | {f2(w.p90_ms)} | {f2(w.p99_ms)} "
-            f"| {w.requests:,} | {errs(w)} | **{f2(ratio)}** |"
+            f"| {label} | {f1(w.rps)} | {per_round} | {f2(w.p50_ms)} | {f2(w.p90_ms)} "
+            f"| {f2(w.p99_ms)} | {errors_of(t.runs)} | {ratio} | {same} |"
         )
     lines += [
         "",
-        "Each server got a "
-        f"{WARMUP_SECONDS} s wrk warm-up (same command) before the measured run; "
-        "functions-framework ran alone, before Nimbus was started.",
+        f"Each server got one {WARMUP_SECONDS} s run of the same wrk command first (not counted). "
+        "All three servers were up during these rounds; the two not under load were idle.",
+        "",
+        f"CPU during each server's median run ({info['nproc']} CPUs x {WRK_SECONDS} s = "
+        f"{int(info['nproc']) * WRK_SECONDS} CPU-s available):",
+        "",
+        "| server | machine busy % | of which steal % | wrk CPU-s | server CPU-s |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for t in targets:
+        w = t.median()
+        lines.append(
+            f"| {t.label} | {f1(w.busy_pct)} | {f1(w.steal_pct)} | {f2(w.wrk_cpu_s)} "
+            f"| {cpu_of(w, t is nimbus_t)} |"
+        )
+    lines += [
         "",
         f"## Cold start: {COLD_N} sequential requests, fresh connection each, "
         f"{int(COLD_PAUSE * 1000)} ms apart",
         "",
-        "Latency is client-side, connect to last byte, through the gateway. `keep_warm: 0`: "
-        "the instance stops when its invocation ends, so each request starts a process.",
+        "Latency is client-side (bench/seqclient.py, another process), connect to last byte, "
+        "through the gateway. With `keep_warm: 0` the instance stops when its invocation "
+        "ends, so every request starts an instance process; the REPORT column checks that.",
         "",
         "| function | ok | p50 ms | p90 ms | p99 ms | min ms | max ms "
         "| REPORTs with Init Duration | Init Duration p50 ms (server) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    rows = [("hello (warm, keep_warm 300)", nb["seq_warm"], None)]
+    rows = [("hello (warm baseline, keep_warm 300)", nb["seq_warm"], None)]
     rows += [("hello-cold (hello, keep_warm 0)", nb["cold_hello-cold"], "hello-cold")]
     rows += [("heavy (stdlib imports, keep_warm 0)", nb["cold_heavy"], "heavy")]
-    for label, s, name in rows:
+    for label, sq, name in rows:
         if name is None:
-            cold_col, init_col = f"{nb['seq_warm_inits']} of {len(s.latencies)}", "-"
+            cold_col = f"{nb['seq_warm_inits']} of {nb['seq_warm_reports']}"
+            init_col = "-"
         else:
             inits = nb[f"inits_{name}"]
             cold_col = f"{len(inits)} of {nb[f'reports_{name}']}"
             init_col = f2(pct(inits, 50)) if inits else "n/a"
         lines.append(
-            f"| {label} | {s.ok}/{len(s.latencies)} | {f2(s.p(50))} | {f2(s.p(90))} "
-            f"| {f2(s.p(99))} | {f2(min(s.latencies))} | {f2(max(s.latencies))} "
+            f"| {label} | {sq.ok}/{len(sq.latencies)} | {f2(sq.p(50))} | {f2(sq.p(90))} "
+            f"| {f2(sq.p(99))} | {f2(min(sq.latencies))} | {f2(max(sq.latencies))} "
             f"| {cold_col} | {init_col} |"
         )
     lines += [
@@ -508,45 +662,55 @@ def report(info: dict[str, str], peers: list[dict[str, Any]], nb: dict[str, Any]
     ]
     for label, key in (
         ("GET /function/hello (gateway)", "solo_gateway"),
-        ("POST /v1/functions/hello/invoke (API)", "solo_api"),
+        ("POST /v1/functions/hello/invoke (API, body `{}`)", "solo_api"),
     ):
         w = nb[key]
-        lines.append(f"| {label} | {f1(w.rps)} | {f2(w.p50_ms)} | {f2(w.p99_ms)} | {errs(w)} |")
+        lines.append(
+            f"| {label} | {f1(w.rps)} | {f2(w.p50_ms)} | {f2(w.p99_ms)} | {errors_of([w])} |"
+        )
     diff = nb["solo_gateway"].p50_ms - nb["solo_api"].p50_ms
     problems = server_problems(nb["server_log"])
+    graceful = "Application shutdown complete" in nb["server_log"]
     lines += [
         "",
-        f"Gateway p50 minus API p50: {diff * 1000:+.0f} µs (both call the same invoker).",
+        f"Gateway p50 minus API p50: {diff * 1000:+.0f} µs. Both call the same invoker; "
+        "this is not the DESIGN's 'over calling the instance directly' figure.",
         "",
         "## Checks",
         "",
         f"- `nimbus up` healthy after {nb['startup_s']:.2f} s; after SIGTERM: exit status "
         f"{nb['server_exit']} (uvicorn re-raises the signal once shut down), graceful "
-        f"shutdown logged: {'Application shutdown complete' in nb['server_log']}; "
-        f"instance processes left afterwards: {nb['leftover_instances']}.",
-        f"- hello instances before/after the measured run: {nb['instances_before']} / "
+        f"shutdown logged: {graceful}; instance processes left afterwards: "
+        f"{nb['leftover_instances']}.",
+        f"- hello instances before/after the warm rounds: {nb['instances_before']} / "
         f"{nb['instances_after']}.",
         f"- instances left after the cold runs: hello-cold "
         f"{nb['instances_left_hello-cold']}, heavy {nb['instances_left_heavy']}.",
         f"- unexpected bodies (sequential runs): warm {nb['seq_warm'].unexpected}, "
         f"hello-cold {nb['cold_hello-cold'].unexpected}, heavy {nb['cold_heavy'].unexpected}.",
-        "- functions-framework processes (pgid) while serving: "
-        + ", ".join(f"{p['label']}: {p['processes']}" for p in peers)
+        "- functions-framework processes while serving: "
+        + "; ".join(f"{t.label}: {t.processes}" for t in peers)
         + ".",
         f"- server log lines matching error/warning/traceback: {len(problems)}",
     ]
     lines += [f"  - `{p[:200]}`" for p in problems[:10]]
     lines += ["", "## Commands", ""]
-    lines.append(f"- Nimbus: `python -m nimbus up --host {HOST} --port <free> --data-dir <tmp>`")
-    for peer in peers:
-        lines.append(f"- {peer['label']}: `{peer['command']}`")
-    lines.append(f"- warm: `{warm.command}`")
+    for t in targets:
+        lines.append(f"- {t.label}: `{t.command}`")
+    lines.append(f"- warm: `{cmd} <url>/function/hello`")
     lines.append(f"- one connection: `{nb['solo_gateway'].command}` and `{nb['solo_api'].command}`")
     lines.append(f"- sequential: `{nb['cold_heavy'].command}` (per function)")
     return "\n".join(lines) + "\n"
 
 
 def to_json(obj: Any) -> Any:
+    if isinstance(obj, Target):
+        return {
+            "label": obj.label,
+            "command": obj.command,
+            "processes": obj.processes,
+            "runs": to_json(obj.runs),
+        }
     if isinstance(obj, Wrk | Seq):
         d = dict(obj.__dict__)
         d.pop("raw", None)
@@ -569,24 +733,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
     RESULTS.mkdir(exist_ok=True)
     try:
-        cores = str(os.cpu_count() or 1)
-        peers = [
-            bench_peer(
-                tmp, "functions-framework, default (gunicorn, 1 worker, 4 threads per CPU)", {}
-            ),
-            bench_peer(
-                tmp, f"functions-framework, gunicorn WORKERS={cores} (tuned)", {"WORKERS": cores}
-            ),
-        ]
-        nb = bench_nimbus(tmp)
-        text = report(info, peers, nb)
+        nb = run_all(tmp)
+        text = report(info, nb)
         text += f"\nWhole run: {time.monotonic() - started:.0f} s.\n"
         (RESULTS / "latest.md").write_text(text)
-        raw = {"machine": info, "peers": peers, "nimbus": {**nb, "server_log": None}}
+        raw = {"machine": info, "nimbus": {**nb, "server_log": None}}
         (RESULTS / "latest.json").write_text(json.dumps(to_json(raw), indent=2, default=str))
-        (RESULTS / "nimbus-server.log").write_text(nb["server_log"])
-        wrk_raw = [f"## {p['label']}\n{p['wrk'].raw}" for p in peers]
-        wrk_raw += [f"## nimbus {k}\n{nb[k].raw}" for k in ("warm", "solo_gateway", "solo_api")]
+        wrk_raw = [
+            f"## {t.label}, round {i + 1}\n{w.raw}"
+            for t in nb["targets"]
+            for i, w in enumerate(t.runs)
+        ]
+        wrk_raw += [f"## nimbus {k}\n{nb[k].raw}" for k in ("solo_gateway", "solo_api")]
         (RESULTS / "wrk-raw.txt").write_text("\n".join(wrk_raw))
         print(text)
     finally:

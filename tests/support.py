@@ -33,19 +33,26 @@ def free_port() -> int:
 
 
 def instance_pids(data_dir: Path) -> list[int]:
-    """Processes whose working directory is inside ``data_dir``: our instances."""
+    """The node's zygote and instances: processes forked from a zygote carry its
+    ``NIMBUS_NODE=<data dir>`` marker in their initial environment; exec'd
+    instances run with their working directory inside ``data_dir``."""
     found = []
     root = str(data_dir.resolve())
+    marker = f"NIMBUS_NODE={root}".encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(int(entry))
+                    continue
             cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if cwd.startswith(root):
+        if cwd.startswith(root) and pid_alive(int(entry)):
             found.append(int(entry))
-    return found
+    return [p for p in found if pid_alive(p)]
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,6 +62,45 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def node_cgroups(data_dir: Path) -> list[str]:
+    """Cgroup directories a server with this data dir made (none once it stopped cleanly)."""
+    node_id = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    found = []
+    for hierarchy in ("memory", "cpu", "pids", "unified", ""):
+        root = Path("/sys/fs/cgroup") / hierarchy
+        if root.is_dir():
+            found += [str(p) for p in root.rglob(f"nimbus-{node_id}*") if p.is_dir()]
+    return found
+
+
+def remove_cgroups(data_dir: Path) -> None:
+    """What a killed server could not clean up: its cgroups (kill, then remove)."""
+    if os.geteuid() != 0 or not node_cgroups(data_dir):
+        return
+    from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
+
+    node_id = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    with contextlib.suppress(CgroupUnavailable, OSError):
+        driver = detect(node_id)
+        driver.prepare()  # removes a previous run's leftovers
+        driver.cleanup()
+
+
+def processes_with(token: str) -> list[int]:
+    """Live processes whose command line contains ``token``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if token.encode() in f.read() and pid_alive(int(entry)):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
 
 
 def build_wheel(directory: Path, name: str = "nimbus_testdep", version: str = "1.0") -> Path:
@@ -173,6 +219,7 @@ class NimbusServer:
         for pid in instance_pids(self.data_dir):  # never leave anything behind, even on failure
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        remove_cgroups(self.data_dir)
         self.client.close()
 
     # -- API helpers ---------------------------------------------------------------------

@@ -46,6 +46,8 @@ class Settings:
     max_log_bytes_per_invocation: int = 10 * 1024 * 1024
     max_log_records_per_function: int = 100_000
     log_level: str = "info"
+    #: Run instances as plain processes, without namespaces, cgroups or seccomp.
+    insecure_no_sandbox: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -76,6 +78,12 @@ class Settings:
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
     try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
         if kind == "int":
             return int(raw)
         if kind == "float":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 
 from nimbus.errors import RequestTooLarge, TooManyRequests
-from nimbus.executor import InitFailed
+from nimbus.executor.core import InitFailed
 from nimbus.functions import Functions
 from nimbus.models import InvokeResult
 from nimbus.observability.logs import LogStore

@@ -64,6 +64,8 @@ class FunctionSpec(BaseModel):
     environment: dict[str, str] = Field(default_factory=dict)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     network: Literal["none", "egress"] = "none"
+    #: Size of the instance's private /tmp, MB (Lambda's ephemeral storage).
+    ephemeral_storage: int = Field(default=512, ge=512, le=10240)
     description: str = Field(default="", max_length=256)
 
     @field_validator("name")
@@ -169,6 +171,8 @@ class Version:
     code_sha256: str
     layer_sha256: str | None
     created_at: float
+    #: The function's own sandbox uid/gid: the same for all its versions, never another's.
+    uid: int = 0
 
     @property
     def name(self) -> str:

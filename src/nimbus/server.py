@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from nimbus.api import build_api
 from nimbus.config import Settings
 from nimbus.errors import NimbusError
-from nimbus.executor import Executor, Launcher, ProcessLauncher
+from nimbus.executor.core import Executor, Launcher
 from nimbus.functions import Functions, read_spec_file
 from nimbus.gateway import Gateway
 from nimbus.gateway.app import PREFIX
@@ -31,7 +31,7 @@ from nimbus.invoke import Invoker
 from nimbus.observability.logs import LogStore
 from nimbus.observability.metrics import Metrics
 from nimbus.packaging import CodeStore, LayerStore, package_directory
-from nimbus.runtimes import available_runtimes
+from nimbus.runtimes.registry import available_runtimes
 from nimbus.scheduling import Scheduler
 from nimbus.store import SqliteStore
 
@@ -45,6 +45,8 @@ class Nimbus:
         self.settings = settings
         data = settings.data_dir
         runtimes = available_runtimes()
+        if launcher is None:
+            launcher = build_launcher(settings)
         self.store = SqliteStore(data / "nimbus.db")
         self.logs = LogStore(
             data / "logs.db", max_records_per_function=settings.max_log_records_per_function
@@ -57,7 +59,7 @@ class Nimbus:
         )
         self.layers = LayerStore(data, python=sys.executable)
         self.executor = Executor(
-            launcher or ProcessLauncher(),
+            launcher,
             runtimes,
             self.code.path,
             self.layers.path,
@@ -109,6 +111,7 @@ class Nimbus:
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.executor.open()
         await self.store.open()
         await self.logs.open()
         await self.functions.load()
@@ -116,6 +119,7 @@ class Nimbus:
 
     async def stop(self) -> None:
         await self.scheduler.close()
+        await self.executor.close()
         await self.logs.close()
         await self.store.close()
 
@@ -143,6 +147,82 @@ class Nimbus:
         return record.name, record.current.number, changed
 
 
+class SandboxUnavailable(NimbusError):
+    """The sandbox cannot work here; the message says why and names the way out."""
+
+
+def build_launcher(settings: Settings) -> Launcher:
+    """The launcher for this node: sandboxed unless ``--insecure-no-sandbox``.
+
+    Runs once, before the event loop serves anything (it forks a probe).
+    Raises :class:`SandboxUnavailable` with one line a person can act on.
+    """
+    import hashlib
+
+    from nimbus.executor.zygote.client import Sandbox, Zygote, ZygoteLauncher
+    from nimbus.runtimes.registry import host_python
+
+    python = host_python()
+    marker = str(settings.data_dir)
+    if settings.insecure_no_sandbox:
+        log.warning(
+            "--insecure-no-sandbox: instances run as plain processes, without namespaces, "
+            "cgroups, seccomp or their own uid; never run untrusted code like this"
+        )
+        return ZygoteLauncher(Zygote(python, seccomp_path=None, node_marker=marker), None)
+
+    from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
+    from nimbus.executor.sandbox.rootfs import build_rootfs
+    from nimbus.executor.sandbox.seccomp import compile_filter
+
+    way_out = "; pass --insecure-no-sandbox to run instances unsandboxed (unsafe)"
+    if os.geteuid() != 0:
+        raise SandboxUnavailable(
+            f"cannot sandbox instances: Nimbus must run as root (it runs as uid {os.geteuid()})"
+            + way_out
+        )
+    problem = _probe_namespaces()
+    if problem:
+        raise SandboxUnavailable(f"cannot sandbox instances: {problem}" + way_out)
+    node_id = hashlib.sha256(marker.encode()).hexdigest()[:12]
+    try:
+        cgroups = detect(node_id)
+        cgroups.prepare()
+    except (CgroupUnavailable, OSError) as e:
+        raise SandboxUnavailable(f"cannot sandbox instances: {e}" + way_out) from None
+    base = settings.data_dir / "sandbox"
+    base.mkdir(parents=True, exist_ok=True)
+    rootfs = build_rootfs(base, python)
+    seccomp_path = base / "seccomp.bpf"
+    program = compile_filter()
+    if not seccomp_path.exists() or seccomp_path.read_bytes() != program:
+        tmp = seccomp_path.with_suffix(".tmp")
+        tmp.write_bytes(program)
+        tmp.replace(seccomp_path)
+    sandbox = Sandbox(rootfs=rootfs, cgroups=cgroups, seccomp_path=seccomp_path)
+    return ZygoteLauncher(Zygote(python, seccomp_path=seccomp_path, node_marker=marker), sandbox)
+
+
+def _probe_namespaces() -> str | None:
+    """Fork a child that tries to unshare every namespace an instance needs."""
+    from nimbus.executor.sandbox import enter, linux
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            linux.unshare(enter.NAMESPACES | linux.CLONE_NEWNET)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return (
+            "this kernel or container does not allow new mount, pid, ipc, uts and network "
+            "namespaces"
+        )
+    return None
+
+
 def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
     """Run a node until SIGTERM/SIGINT (blocking): ``nimbus up``."""
     import uvicorn
@@ -150,7 +230,11 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    node = Nimbus(settings)
+    try:
+        node = Nimbus(settings)
+    except SandboxUnavailable as e:
+        print(f"nimbus up: {e.message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list[Any] | None = None) -> None:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.support import NimbusServer, instance_pids, pid_alive
+from tests.support import NimbusServer, instance_pids, processes_with
 
 
 def test_deploy_invoke_over_http_and_api(server: NimbusServer) -> None:
@@ -99,16 +99,15 @@ def test_timeout_kills_process_group_and_next_call_works(server: NimbusServer) -
     r = server.invoke("inv-timeout", {"sleep": 30, "child": True})
     assert r.headers["x-nimbus-function-error"] == "Timeout"
     assert r.json()["errorMessage"] == "Task timed out after 1.00 seconds"
+    rid = r.headers["x-nimbus-request-id"]
     records = server.wait_logs(
         "inv-timeout", lambda rs: any("Status: timeout" in x["message"] for x in rs)
     )
-    child = next(
-        int(x["message"].split()[-1]) for x in records if x["message"].startswith("child pid")
-    )
+    assert any(x["message"] == f"child started nimbus-test-child-{rid}" for x in records)
     deadline = time.monotonic() + 5
-    while pid_alive(child) and time.monotonic() < deadline:
+    while processes_with(f"nimbus-test-child-{rid}") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pid_alive(child), "the instance's child survived the timeout"
+    assert not processes_with(f"nimbus-test-child-{rid}"), "the child survived the timeout"
     g = server.client.get("/function/inv-timeout", params={})
     assert g.status_code == 200
     r = server.client.post("/function/inv-timeout", json={})

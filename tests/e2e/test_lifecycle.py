@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import NimbusServer, instance_pids, running
+from tests.support import NimbusServer, instance_pids, node_cgroups, running
 
 
 def test_restart_keeps_functions_versions_and_logs(tmp_path: Path) -> None:
@@ -48,11 +48,13 @@ def test_sigterm_finishes_in_flight_invocation_and_leaves_no_process(tmp_path: P
         while s.client.get("/v1/functions/drain").json()["instances"]["busy"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert len(instance_pids(s.data_dir)) == 2
+        assert s.client.get("/v1/functions/idle-one").json()["instances"]["idle"] == 1
+        assert instance_pids(s.data_dir)
         assert s.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
         t.join()
         assert result["r"].status_code == 200 and result["r"].json() == {"slept": 2}
         assert instance_pids(s.data_dir) == []
+        assert node_cgroups(s.data_dir) == []
         assert "Finished server process" in s.output()
 
 

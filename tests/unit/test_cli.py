@@ -293,7 +293,7 @@ def write_function(directory: Path, yaml_text: str, requirements: str | None = N
 
 
 @pytest.mark.parametrize("exists", [False, True])
-def test_deploy_uploads_spec_as_written_and_the_zip(
+def test_deploy_uploads_the_spec_and_the_zip(
     runner: CliRunner, tmp_path: Path, exists: bool
 ) -> None:
     fn = write_function(
@@ -318,12 +318,14 @@ def test_deploy_uploads_spec_as_written_and_the_zip(
     result = run(runner, ["deploy", str(fn)], Api(handler))
     assert result.exit_code == 0, result.output
     (form,) = uploads
-    # What the user wrote, not the defaults filled in.
-    assert json.loads(form["spec"]) == {
-        "name": "hello",
-        "memory": 256,
-        "environment": {"GREETING": "hi"},
-    }
+    sent = json.loads(form["spec"])
+    if exists:
+        # An update sends every field, so a line deleted from nimbus.yaml resets to its default.
+        assert sent["memory"] == 256 and sent["environment"] == {"GREETING": "hi"}
+        assert sent["timeout"] == 30 and sent["scaling"]["max"] == 10
+    else:
+        # A create sends what the user wrote; the server fills in the defaults.
+        assert sent == {"name": "hello", "memory": 256, "environment": {"GREETING": "hi"}}
     filename, content_type, data = form["code"]
     assert (filename, content_type) == ("code.zip", "application/zip")
     with zipfile.ZipFile(io.BytesIO(data)) as z:

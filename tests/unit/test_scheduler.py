@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from nimbus.errors import TooManyRequests
-from nimbus.executor import InitFailed, State
+from nimbus.executor.core import InitFailed, State
 from nimbus.models import FunctionSpec, ScalingSpec, Version
 from nimbus.scheduling import IdleInstance, PoolState, Scheduler, decide
 

@@ -74,6 +74,14 @@ def up(
             show_default="info",
         ),
     ] = None,
+    insecure_no_sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-sandbox",
+            envvar="NIMBUS_INSECURE_NO_SANDBOX",
+            help="Run instances as plain processes: no namespaces, cgroups, seccomp or own uid.",
+        ),
+    ] = False,
     deploy: Annotated[
         list[Path] | None,
         typer.Option(
@@ -100,6 +108,7 @@ def up(
         queue_timeout=queue_timeout,
         shutdown_grace=shutdown_grace,
         log_level=log_level,
+        insecure_no_sandbox=insecure_no_sandbox or None,
     )
     from nimbus.server import serve
 

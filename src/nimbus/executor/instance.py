@@ -123,10 +123,15 @@ class Instance:
         except InstanceGone:
             duration = (time.perf_counter() - started) * 1000.0
             returncode = await self._reap()
-            error = "Crash"
             message = f"RequestId: {request_id} Error: {describe_exit(returncode)}"
-            body = error_body("Runtime.ExitError", message, request_id)
-            self._emit(request_id, message)
+            if self.process.oom_killed():
+                error = "OutOfMemory"
+                body = error_body("Runtime.OutOfMemory", message, request_id)
+                self._emit(request_id, f"{message}\nRuntime.OutOfMemory")
+            else:
+                error = "Crash"
+                body = error_body("Runtime.ExitError", message, request_id)
+                self._emit(request_id, message)
         else:
             duration = frame.seconds * 1000.0
             memory_kib = frame.number
@@ -170,8 +175,10 @@ class Instance:
             report += f"\tInit Duration: {r.init_ms:.2f} ms"
         if r.error == "Timeout":
             report += "\tStatus: timeout"
-        elif r.error == "Crash":
+        elif r.error in ("Crash", "OutOfMemory"):
             report += "\tStatus: error"
+            if r.error == "OutOfMemory":
+                report += "\tError Type: Runtime.OutOfMemory"
         return [f"END RequestId: {r.request_id}", report]
 
     async def _reap(self) -> int | None:
@@ -195,6 +202,7 @@ class Instance:
             await asyncio.wait_for(self.process.wait(), 5.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._output.closed), 2.0)
+        await self.process.cleanup()
 
 
 def _expire(fut: asyncio.Future[Frame]) -> None:

@@ -1,9 +1,11 @@
 """How an instance process is started: the ``Launcher`` protocol and plain processes.
 
-A launcher turns a :class:`LaunchPlan` into a running process. The plain
-:class:`ProcessLauncher` starts an unsandboxed child in its own session (so its
-whole process group can be killed); the sandboxed and zygote launchers are
-siblings with the same surface.
+A launcher turns a :class:`LaunchPlan` into a running process. Siblings:
+
+- :class:`ProcessLauncher`: ``exec`` a fresh interpreter per instance, in its
+  own session, unsandboxed (the reference, and the fallback);
+- :class:`~nimbus.executor.zygote.client.ZygoteLauncher`: fork from a zygote
+  that has the runtime loaded, sandboxed or not.
 """
 
 from __future__ import annotations
@@ -17,18 +19,33 @@ from pathlib import Path
 from typing import Protocol
 
 
+class LaunchError(Exception):
+    """The launcher could not start the instance (its message says why, for the logs)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LaunchPlan:
     """Everything needed to start one instance."""
 
+    #: Unique over the node's lifetime: ``<function>-<random>``.
+    instance_id: str
+    function: str
+    #: The exec'd command line (exec-based launchers only).
     argv: list[str]
+    #: The instance's whole environment.
     env: dict[str, str]
-    cwd: Path
-    #: The instance's end of its socket; it keeps this fd number.
+    code_dir: Path
+    layer_dir: Path | None
+    #: The instance's end of its socket; passed to the instance.
     sock_fd: int
     #: The write end of the output pipe; becomes fd 1 and 2.
     output_fd: int
+    #: The token of the output sentinel.
+    token: str
+    uid: int
     memory_mb: int
+    tmp_mb: int
+    network: str
 
 
 class InstanceProcess(Protocol):
@@ -48,9 +65,24 @@ class InstanceProcess(Protocol):
         """Kill the instance and everything it started. Idempotent, never blocks."""
         ...
 
+    def oom_killed(self) -> bool:
+        """Did the kernel's OOM killer end it (its memory limit)?"""
+        ...
+
+    async def cleanup(self) -> None:
+        """After exit: release what the instance held (cgroups, …). Idempotent."""
+        ...
+
 
 class Launcher(Protocol):
+    #: Paths as the instance sees them: ``/var/task`` in a sandbox, the host path otherwise.
+    def task_root(self, plan_code_dir: Path) -> str: ...
+
+    def layer_root(self, plan_layer_dir: Path) -> str: ...
+
     async def launch(self, plan: LaunchPlan) -> InstanceProcess: ...
+
+    async def close(self) -> None: ...
 
 
 class PlainProcess:
@@ -75,9 +107,21 @@ class PlainProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
 
+    def oom_killed(self) -> bool:
+        return False
+
+    async def cleanup(self) -> None:
+        return None
+
 
 class ProcessLauncher:
-    """Starts instances as plain processes (no sandbox)."""
+    """Starts instances as plain processes (no sandbox), one ``exec`` each."""
+
+    def task_root(self, code_dir: Path) -> str:
+        return str(code_dir)
+
+    def layer_root(self, layer_dir: Path) -> str:
+        return str(layer_dir)
 
     async def launch(self, plan: LaunchPlan) -> PlainProcess:
         proc = await asyncio.create_subprocess_exec(
@@ -87,7 +131,10 @@ class ProcessLauncher:
             stderr=plan.output_fd,
             pass_fds=(plan.sock_fd,),
             env=plan.env,
-            cwd=str(plan.cwd),
+            cwd=str(plan.code_dir),
             start_new_session=True,
         )
         return PlainProcess(proc)
+
+    async def close(self) -> None:
+        return None

@@ -1,63 +1,6 @@
-"""The runtimes Nimbus can run, and how an instance of each is started.
+"""Code that runs inside an instance (``python/bootstrap.py``), and the table of
+runtimes (:mod:`nimbus.runtimes.registry`).
 
-A runtime turns a version into the command line and environment of an
-instance. Code that runs *inside* an instance lives in the sub-packages
-(``python/bootstrap.py``); it never imports Nimbus.
+Kept free of imports: the zygote imports the bootstrap with the standard
+library only.
 """
-
-from __future__ import annotations
-
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
-from nimbus.models import Version
-
-BOOTSTRAP = Path(__file__).parent / "python" / "bootstrap.py"
-BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TZ": ":UTC"}
-
-
-@dataclass(frozen=True, slots=True)
-class PythonRuntime:
-    """CPython running ``bootstrap.py`` isolated from Nimbus's own environment (-I -S)."""
-
-    name: str
-    executable: str
-
-    def argv(self, sock_fd: int, token: str) -> list[str]:
-        return [self.executable, "-I", "-S", str(BOOTSTRAP), str(sock_fd), token]
-
-    def environment(
-        self, version: Version, code_dir: Path, layer_dir: Path | None, instance_id: str
-    ) -> dict[str, str]:
-        spec = version.spec
-        env = dict(BASE_ENV)
-        env.update(spec.environment)
-        env.update(
-            {
-                "_HANDLER": spec.handler,
-                "LAMBDA_TASK_ROOT": str(code_dir),
-                "LAMBDA_RUNTIME_DIR": str(BOOTSTRAP.parent),
-                "AWS_EXECUTION_ENV": f"AWS_Lambda_{self.name}",
-                "AWS_LAMBDA_FUNCTION_NAME": spec.name,
-                "AWS_LAMBDA_FUNCTION_VERSION": str(version.number),
-                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory),
-                "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{spec.name}",
-                "AWS_LAMBDA_LOG_STREAM_NAME": f"[{version.number}]{instance_id}",
-                "NIMBUS_FUNCTION_NAME": spec.name,
-            }
-        )
-        if layer_dir is not None:
-            env["NIMBUS_LAYER_ROOT"] = str(layer_dir)
-        return env
-
-
-def host_python() -> str:
-    """The interpreter Nimbus runs on, outside any virtualenv."""
-    return str(getattr(sys, "_base_executable", None) or sys.executable)
-
-
-def available_runtimes() -> dict[str, PythonRuntime]:
-    """Runtimes this node can run: the host's CPython, by its ``pythonX.Y`` name."""
-    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    return {name: PythonRuntime(name, host_python())}

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from nimbus.errors import TooManyRequests
-from nimbus.executor import Executor, InitFailed, Instance, State
+from nimbus.executor.core import Executor, InitFailed, Instance, State
 from nimbus.models import Version
 from nimbus.scheduling.autoscaler import IdleInstance, PoolState, decide
 

@@ -26,8 +26,11 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
     name        TEXT PRIMARY KEY,
     created_at  REAL NOT NULL,
-    latest      INTEGER NOT NULL
+    latest      INTEGER NOT NULL,
+    uid         INTEGER NOT NULL UNIQUE
 );
+-- The next sandbox uid to hand out: uids are never reused, even after a delete.
+CREATE TABLE IF NOT EXISTS uids (next INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
     name         TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
     number       INTEGER NOT NULL,
@@ -76,7 +79,7 @@ class SqliteStore:
         def q(db: sqlite3.Connection) -> list[FunctionRecord]:
             rows = db.execute(
                 "SELECT f.name, f.created_at, v.number, v.spec, v.code_sha256, v.layer_sha256,"
-                " v.created_at FROM functions f JOIN versions v"
+                " v.created_at, f.uid FROM functions f JOIN versions v"
                 " ON v.name = f.name AND v.number = f.latest ORDER BY f.name"
             ).fetchall()
             return [FunctionRecord(r[0], r[1], _version(r[2:])) for r in rows]
@@ -98,7 +101,7 @@ class SqliteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 row = db.execute(
-                    "SELECT created_at, latest FROM functions WHERE name = ?", (spec.name,)
+                    "SELECT created_at, latest, uid FROM functions WHERE name = ?", (spec.name,)
                 ).fetchone()
                 if create and row is not None:
                     raise ResourceConflict(
@@ -107,13 +110,14 @@ class SqliteStore:
                     )
                 if not create and row is None:
                     raise ResourceNotFound(f"function {spec.name!r} does not exist")
-                created_at, number = (now, 1) if row is None else (row[0], row[1] + 1)
                 if row is None:
+                    created_at, number, uid = now, 1, _next_uid(db)
                     db.execute(
-                        "INSERT INTO functions (name, created_at, latest) VALUES (?, ?, ?)",
-                        (spec.name, now, number),
+                        "INSERT INTO functions (name, created_at, latest, uid) VALUES (?, ?, ?, ?)",
+                        (spec.name, now, number, uid),
                     )
                 else:
+                    created_at, number, uid = row[0], row[1] + 1, row[2]
                     db.execute(
                         "UPDATE functions SET latest = ? WHERE name = ?", (number, spec.name)
                     )
@@ -127,7 +131,7 @@ class SqliteStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            version = Version(spec, number, code_sha256, layer_sha256, now)
+            version = Version(spec, number, code_sha256, layer_sha256, now, uid)
             return FunctionRecord(spec.name, created_at, version)
 
         return await self._run(tx)
@@ -135,8 +139,9 @@ class SqliteStore:
     async def versions(self, name: str) -> list[Version]:
         def q(db: sqlite3.Connection) -> list[Version]:
             rows = db.execute(
-                "SELECT number, spec, code_sha256, layer_sha256, created_at FROM versions"
-                " WHERE name = ? ORDER BY number",
+                "SELECT v.number, v.spec, v.code_sha256, v.layer_sha256, v.created_at, f.uid"
+                " FROM versions v JOIN functions f ON f.name = v.name"
+                " WHERE v.name = ? ORDER BY v.number",
                 (name,),
             ).fetchall()
             if not rows:
@@ -161,8 +166,23 @@ class SqliteStore:
         await self._run(tx)
 
 
+#: Sandbox uids start here, far above any regular user's.
+FIRST_UID = 200_000
+
+
+def _next_uid(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT next FROM uids").fetchone()
+    if row is None:
+        uid = FIRST_UID
+        db.execute("INSERT INTO uids (next) VALUES (?)", (uid + 1,))
+    else:
+        uid = int(row[0])
+        db.execute("UPDATE uids SET next = ?", (uid + 1,))
+    return uid
+
+
 def _version(row: tuple[object, ...] | list[object]) -> Version:
-    number, spec_json, code, layer, created = row
+    number, spec_json, code, layer, created, uid = row
     spec = FunctionSpec.model_validate(orjson.loads(str(spec_json)))
     return Version(
         spec,
@@ -170,4 +190,5 @@ def _version(row: tuple[object, ...] | list[object]) -> Version:
         str(code),
         None if layer is None else str(layer),
         float(str(created)),
+        int(str(uid)),
     )

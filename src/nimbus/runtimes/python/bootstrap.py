@@ -32,6 +32,15 @@ SENTINEL_PREFIX = b"\x00\x1fnimbus-end:"
 
 
 def main(argv: list[str]) -> None:
+    """``bootstrap.py <socket fd> <token>``: the exec'd entry point."""
+    serve(int(argv[1]), argv[2].encode())
+
+
+def serve(fd: int, token: bytes) -> None:
+    """Initialise the handler and serve invocations on socket ``fd`` until it closes.
+
+    Called by :func:`main`, or directly in a process forked from a zygote.
+    """
     import importlib
     import json
     import logging
@@ -42,7 +51,6 @@ def main(argv: list[str]) -> None:
     import traceback
     import uuid
 
-    fd, token = int(argv[1]), argv[2].encode()
     sentinel = SENTINEL_PREFIX + token + b"\n"
     sock = socket.socket(fileno=fd)
     rfile = sock.makefile("rb", buffering=65536)

@@ -1,0 +1,226 @@
+"""Starts, talks to and kills instances. Never blocks the event loop.
+
+The :class:`Executor` turns a :class:`~nimbus.models.Version` into a running,
+initialised :class:`Instance`: it makes the instance's socket and output pipe,
+asks its :class:`Launcher` for a process, and waits for the runtime's ``READY``.
+Which launcher (plain process, sandbox, zygote fork) is the composition root's
+choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from nimbus.executor.instance import Instance, State, describe_exit, error_body
+from nimbus.executor.launcher import (
+    InstanceProcess,
+    Launcher,
+    LaunchError,
+    LaunchPlan,
+    ProcessLauncher,
+)
+from nimbus.executor.output import OutputContext, OutputReader
+from nimbus.executor.protocol import INIT_ERROR, READY, Channel, Frame, InstanceGone
+from nimbus.models import Version
+from nimbus.runtimes.registry import PythonRuntime
+
+__all__ = [
+    "Executor",
+    "InitFailed",
+    "Instance",
+    "InstanceProcess",
+    "LaunchError",
+    "LaunchPlan",
+    "Launcher",
+    "ProcessLauncher",
+    "State",
+]
+
+#: emit(function, version, instance_id, request_id, message)
+LogEmit = Callable[[str, int, str, str, str], None]
+
+
+class InitFailed(Exception):
+    """The instance could not initialise; ``body`` is Lambda's error JSON."""
+
+    def __init__(self, body: bytes, init_ms: float, error_type: str) -> None:
+        super().__init__(error_type)
+        self.body = body
+        self.init_ms = init_ms
+        self.error_type = error_type
+
+
+class Executor:
+    def __init__(
+        self,
+        launcher: Launcher,
+        runtimes: dict[str, PythonRuntime],
+        code_path: Callable[[str], Path],
+        layer_path: Callable[[str], Path],
+        emit: LogEmit,
+        *,
+        max_log_bytes: int,
+    ) -> None:
+        self._launcher = launcher
+        self._runtimes = runtimes
+        self._code_path = code_path
+        self._layer_path = layer_path
+        self._emit = emit
+        self._max_log_bytes = max_log_bytes
+        self._reaping: set[asyncio.Task[None]] = set()
+
+    async def start(self, version: Version) -> Instance:
+        """Start and initialise one instance; raise :class:`InitFailed` if its init fails."""
+        spec = version.spec
+        runtime = self._runtimes[spec.runtime]
+        instance_id = secrets.token_hex(6)
+        token = secrets.token_hex(8)
+        code_dir = self._code_path(version.code_sha256)
+        layer_dir = self._layer_path(version.layer_sha256) if version.layer_sha256 else None
+        task_root = self._launcher.task_root(code_dir)
+        layer_root = self._launcher.layer_root(layer_dir) if layer_dir is not None else None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        read_fd, write_fd = os.pipe()
+        try:
+            plan = LaunchPlan(
+                instance_id=f"{spec.name}-{instance_id}",
+                function=spec.name,
+                argv=runtime.argv(child.fileno(), token),
+                env=runtime.environment(version, task_root, layer_root, instance_id),
+                code_dir=code_dir,
+                layer_dir=layer_dir,
+                sock_fd=child.fileno(),
+                output_fd=write_fd,
+                token=token,
+                uid=version.uid,
+                memory_mb=spec.memory,
+                tmp_mb=spec.ephemeral_storage,
+                network=spec.network,
+            )
+            process = await self._launcher.launch(plan)
+        except LaunchError as e:
+            parent.close()
+            os.close(read_fd)
+            self._emit(spec.name, version.number, instance_id, "", f"[nimbus] {e}")
+            raise InitFailed(
+                error_body("Sandbox.SetupError", str(e)), 0.0, "Sandbox.SetupError"
+            ) from None
+        except BaseException:
+            parent.close()
+            os.close(read_fd)
+            raise
+        finally:
+            child.close()
+            os.close(write_fd)
+
+        loop = asyncio.get_running_loop()
+        emit = partial(self._emit, spec.name, version.number, instance_id)
+        output = OutputReader(emit, token.encode(), self._max_log_bytes)
+        await loop.connect_read_pipe(lambda: output, os.fdopen(read_fd, "rb", buffering=0))
+        init_ctx = output.open("")
+        _, channel = await loop.create_unix_connection(Channel, sock=parent)
+        ready = channel.next_frame()
+        timer = loop.call_later(spec.timeout, _expire, ready)
+        try:
+            frame = await ready
+        except TimeoutError:
+            self._discard(process, channel)
+            message = f"Init timed out after {spec.timeout:.2f} seconds"
+            self._init_failed(output, init_ctx, spec.timeout * 1000, "Sandbox.Timedout")
+            raise InitFailed(
+                error_body("Sandbox.Timedout", message), spec.timeout * 1000, "Sandbox.Timedout"
+            ) from None
+        except InstanceGone:
+            returncode = await _wait(process)
+            message = describe_exit(returncode)
+            emit("", message)
+            self._init_failed(output, init_ctx, 0.0, "Runtime.ExitError")
+            raise InitFailed(
+                error_body("Runtime.ExitError", message), 0.0, "Runtime.ExitError"
+            ) from None
+        except BaseException:
+            process.kill()
+            channel.close()
+            raise
+        finally:
+            timer.cancel()
+        init_ms = frame.seconds * 1000.0
+        if frame.kind == INIT_ERROR:
+            self._discard(process, channel)
+            error_type = _error_type(frame.body)
+            self._init_failed(output, init_ctx, init_ms, error_type)
+            raise InitFailed(frame.body, init_ms, error_type)
+        if frame.kind != READY:
+            self._discard(process, channel)
+            raise InitFailed(
+                error_body("Runtime.InvalidResponse", "unexpected frame during init"),
+                init_ms,
+                "Runtime.InvalidResponse",
+            )
+        return Instance(instance_id, version, process, channel, output, emit, init_ms)
+
+    async def open(self) -> None:
+        """Start the launcher (the zygote, when there is one)."""
+        start = getattr(self._launcher, "start", None)
+        if start is not None:
+            await start()
+
+    def _discard(self, process: InstanceProcess, channel: Channel) -> None:
+        """Kill an instance that never became ready, and clean up after it in the background."""
+        process.kill()
+        channel.close()
+
+        async def reap() -> None:
+            await _wait(process)
+            await process.cleanup()
+
+        task = asyncio.get_running_loop().create_task(reap())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def close(self) -> None:
+        """Wait for background clean-ups, then close the launcher."""
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
+        await self._launcher.close()
+
+    @staticmethod
+    def _init_failed(
+        output: OutputReader, ctx: OutputContext, init_ms: float, error_type: str
+    ) -> None:
+        output.finish(
+            ctx,
+            [
+                f"INIT_REPORT Init Duration: {init_ms:.2f} ms\tPhase: init\tStatus: error\t"
+                f"Error Type: {error_type}"
+            ],
+        )
+
+
+def _error_type(body: bytes) -> str:
+    import orjson
+
+    try:
+        value = orjson.loads(body).get("errorType", "Runtime.Unknown")
+        return str(value)
+    except (orjson.JSONDecodeError, AttributeError):
+        return "Runtime.Unknown"
+
+
+async def _wait(process: InstanceProcess) -> int | None:
+    try:
+        return await asyncio.wait_for(process.wait(), 2.0)
+    except TimeoutError:
+        process.kill()
+        return process.returncode
+
+
+def _expire(fut: asyncio.Future[Frame]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())

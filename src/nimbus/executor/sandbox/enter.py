@@ -1,0 +1,146 @@
+"""Inside the fork chain: enter the sandbox, step by step.
+
+Run by the zygote's children (standard library only). The order matters and
+is the whole point of this module:
+
+1. ``join_cgroups`` and ``unshare_namespaces`` in the first child (still in
+   the host's pid namespace, so the pid it writes to ``cgroup.procs`` is right);
+2. ``enter_root`` and ``loopback_up`` in the second child, which is pid 1 of
+   the new pid namespace (``/proc`` must be mounted from inside it);
+3. ``drop_privileges`` in the instance itself, last, because every earlier
+   step needs root.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import socket
+import stat
+import struct
+from collections.abc import Sequence
+
+from nimbus.executor.sandbox import linux
+
+NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
+
+#: The devices an instance gets in its /dev: (name, major, minor).
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9))
+RO = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+
+
+def join_cgroups(procs_files: Sequence[str]) -> None:
+    pid = str(os.getpid())
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write(pid)
+
+
+def unshare_namespaces(netns: str | None) -> None:
+    """New mount, pid (for our children), ipc and uts namespaces; the network
+    namespace is a fresh one, or ``netns`` (a path to a prepared one) when given."""
+    if netns is None:
+        linux.unshare(NAMESPACES | linux.CLONE_NEWNET)
+        return
+    linux.unshare(NAMESPACES)
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.setns(fd, linux.CLONE_NEWNET)
+    finally:
+        os.close(fd)
+
+
+def _bind_ro(source: str, target: str) -> None:
+    linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
+    linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
+
+
+def enter_root(
+    *,
+    rootfs: str,
+    prefix: str,
+    hidden: Sequence[str],
+    code: str,
+    layer: str | None,
+    tmp_mb: int,
+) -> None:
+    """Build the instance's root from the prepared ``rootfs`` and pivot into it.
+
+    Read-only: the rootfs itself, the interpreter prefix (its site-packages
+    masked), the code (``/var/task``) and the dependency layer (``/opt/python``).
+    Writable: a size-limited tmpfs ``/tmp``. Plus a fresh ``/proc`` and a
+    ``/dev`` holding only null, zero, full, random and urandom.
+    """
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
+    _bind_ro(prefix, rootfs + prefix)
+    for path in hidden:
+        linux.mount("tmpfs", rootfs + path, "tmpfs", RO | linux.MS_NOEXEC, "size=4k,mode=555")
+    _bind_ro(code, rootfs + "/var/task")
+    if layer:
+        _bind_ro(layer, rootfs + "/opt/python")
+    linux.mount(
+        "tmpfs",
+        rootfs + "/tmp",
+        "tmpfs",
+        linux.MS_NOSUID | linux.MS_NODEV,
+        f"size={tmp_mb}m,mode=1777",
+    )
+    dev = rootfs + "/dev"
+    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=755")
+    old_umask = os.umask(0)
+    try:
+        for name, major, minor in DEVICES:
+            os.mknod(f"{dev}/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    finally:
+        os.umask(old_umask)
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        os.symlink(target, f"{dev}/{name}")
+    linux.mount(
+        "proc", rootfs + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    )
+    linux.mount(None, rootfs, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
+    os.chdir(rootfs)
+    linux.pivot_root(".", ".")
+    linux.umount2(".", linux.MNT_DETACH)
+    os.chdir("/")
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in a fresh network namespace (one ioctl, no netlink)."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sh22x", b"lo", 0)
+        flags = struct.unpack("16sh22x", fcntl.ioctl(s, siocgifflags, req))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sh22x", b"lo", flags | iff_up))
+
+
+def drop_privileges(
+    *, uid: int, gid: int, nofile: int, fsize: int, seccomp_bpf: bytes | None
+) -> None:
+    """Become the function's own unprivileged user, with nothing to regain.
+
+    rlimits first (raising them later needs privilege), then the capability
+    bounding set, then the ids (which clears every capability), then
+    ``no_new_privs``, not-dumpable and the seccomp filter.
+    """
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    for cap in range(linux.last_cap() + 1):
+        linux.prctl(linux.PR_CAPBSET_DROP, cap)
+    linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+    linux.prctl(linux.PR_SET_KEEPCAPS, 0)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    if seccomp_bpf:
+        linux.load_seccomp_bpf(seccomp_bpf)

@@ -1,0 +1,342 @@
+"""The server's side of the zygote: start it, ask it to fork instances, hear how they end.
+
+:class:`ZygoteLauncher` is a :class:`~nimbus.executor.launcher.Launcher`: with
+a :class:`Sandbox` every instance is forked into its own namespaces, cgroup
+and identity; without one, instances are plain forks in their own session
+(``--insecure-no-sandbox``), which still skips the interpreter's start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nimbus.executor.launcher import LaunchError, LaunchPlan
+from nimbus.executor.sandbox.cgroups import CgroupDriver, Limits
+from nimbus.executor.sandbox.rootfs import Rootfs
+
+log = logging.getLogger("nimbus.zygote")
+
+MAIN = Path(__file__).with_name("main.py")
+#: Where the ``nimbus`` package lives, for the zygote's sys.path.
+NIMBUS_ROOT = str(Path(__file__).resolve().parents[3])
+#: Lambda: 1,769 MB of memory buys one vCPU.
+MB_PER_VCPU = 1769
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    rootfs: Rootfs
+    cgroups: CgroupDriver
+    seccomp_path: Path
+    nofile: int = 1024
+
+
+class ZygoteGone(Exception):
+    pass
+
+
+class Zygote:
+    """One zygote process and its control socket."""
+
+    def __init__(self, python: str, *, seccomp_path: Path | None, node_marker: str) -> None:
+        self._python = python
+        self._seccomp_path = seccomp_path
+        self._node_marker = node_marker
+        self._sock: socket.socket | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._spawns: dict[str, asyncio.Future[int]] = {}
+        self._exits: dict[str, asyncio.Future[int]] = {}
+        self._pids: dict[str, int] = {}
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self.sandbox_error: str | None = None
+        self.alive = False
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                self._python,
+                "-I",
+                "-S",
+                str(MAIN),
+                NIMBUS_ROOT,
+                str(theirs.fileno()),
+                str(self._seccomp_path or ""),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                env={
+                    "PATH": "/usr/local/bin:/usr/bin:/bin",
+                    "LANG": "C.UTF-8",
+                    "NIMBUS_NODE": self._node_marker,
+                },
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._ready = loop.create_future()
+        loop.add_reader(ours.fileno(), self._on_readable)
+        self.alive = True
+        try:
+            hello = await asyncio.wait_for(self._ready, 30)
+        except TimeoutError:
+            await self.close()
+            raise LaunchError("the zygote did not start within 30 s") from None
+        self.sandbox_error = hello.get("sandbox_error")
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lost()
+                return
+            self._dispatch(json.loads(data))
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if msg.get("ready"):
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(msg)
+        elif "spawned" in msg:
+            ident = msg["spawned"]
+            self._pids[ident] = msg["pid"]
+            fut = self._spawns.pop(ident, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg["pid"])
+        elif "failed" in msg:
+            fut = self._spawns.pop(msg["failed"], None)
+            if fut is not None and not fut.done():
+                fut.set_exception(LaunchError(msg["error"]))
+        elif "exit" in msg:
+            ident = msg["exit"]
+            self._pids.pop(ident, None)
+            done = self._exits.pop(ident, None)
+            if done is not None and not done.done():
+                done.set_result(os.waitstatus_to_exitcode(msg["status"]))
+
+    def _lost(self) -> None:
+        """The zygote died (or we closed it): nobody will report exits any more."""
+        if not self.alive:
+            return
+        self.alive = False
+        assert self._sock is not None
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        for fut in self._spawns.values():
+            if not fut.done():
+                fut.set_exception(LaunchError("the zygote exited"))
+        self._spawns.clear()
+        for ident, pid in list(self._pids.items()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            done = self._exits.pop(ident, None)
+            if done is not None and not done.done():
+                done.set_result(-signal.SIGKILL)
+        for done in self._exits.values():
+            if not done.done():
+                done.set_result(-signal.SIGKILL)
+        self._exits.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(LaunchError("the zygote exited during start-up"))
+
+    async def spawn(self, msg: dict[str, Any], fds: list[int]) -> tuple[int, asyncio.Future[int]]:
+        """Fork an instance; its pid and a future of its exit code."""
+        if not self.alive or self._sock is None:
+            raise LaunchError("the zygote is not running")
+        loop = asyncio.get_running_loop()
+        ident = msg["id"]
+        spawned: asyncio.Future[int] = loop.create_future()
+        exited: asyncio.Future[int] = loop.create_future()
+        self._spawns[ident] = spawned
+        self._exits[ident] = exited
+        data = json.dumps(msg).encode()
+        while True:
+            try:
+                socket.send_fds(self._sock, [data], fds)
+                break
+            except BlockingIOError:
+                writable = loop.create_future()
+                loop.add_writer(self._sock.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(self._sock.fileno())
+            except OSError as e:
+                self._spawns.pop(ident, None)
+                self._exits.pop(ident, None)
+                raise LaunchError(f"the zygote is not reachable: {e}") from None
+        try:
+            pid = await spawned
+        except BaseException:
+            self._exits.pop(ident, None)
+            raise
+        return pid, exited
+
+    async def close(self) -> None:
+        """Close the control socket: the zygote kills its instances and exits."""
+        if self._sock is not None:
+            self._lost()
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            try:
+                await asyncio.wait_for(self._proc.wait(), 10)
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+
+
+class ZygoteProcess:
+    """An instance forked by the zygote (an :class:`InstanceProcess`)."""
+
+    def __init__(
+        self,
+        pid: int,
+        exited: asyncio.Future[int],
+        *,
+        name: str,
+        cgroups: CgroupDriver | None,
+    ) -> None:
+        self._pid = pid
+        self._exited = exited
+        self._name = name
+        self._cgroups = cgroups
+        self._cleaned = False
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exited.result() if self._exited.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def kill(self) -> None:
+        if self._exited.done():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if self._cgroups is not None:
+                # pid 1 of the instance's pid namespace: the kernel kills the rest.
+                os.kill(self._pid, signal.SIGKILL)
+            else:
+                os.killpg(self._pid, signal.SIGKILL)
+        if self._cgroups is not None:
+            with contextlib.suppress(OSError):
+                self._cgroups.kill(self._name)
+
+    def oom_killed(self) -> bool:
+        if self._cgroups is None:
+            return False
+        try:
+            return self._cgroups.oom_killed(self._name)
+        except OSError:
+            return False
+
+    async def cleanup(self) -> None:
+        if self._cleaned or self._cgroups is None:
+            return
+        self._cleaned = True
+        delay = 0.005
+        for _ in range(60):
+            try:
+                self._cgroups.kill(self._name)
+                if self._cgroups.remove(self._name):
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        log.warning("cgroup of %s is still busy; it will be removed at shutdown", self._name)
+
+
+class ZygoteLauncher:
+    """Forks instances from the zygote; sandboxed when given a :class:`Sandbox`."""
+
+    def __init__(self, zygote: Zygote, sandbox: Sandbox | None) -> None:
+        self._zygote = zygote
+        self._sandbox = sandbox
+
+    async def start(self) -> None:
+        await self._zygote.start()
+        if self._sandbox is not None and self._zygote.sandbox_error:
+            raise LaunchError(f"cannot sandbox instances: {self._zygote.sandbox_error}")
+
+    def task_root(self, code_dir: Path) -> str:
+        return "/var/task" if self._sandbox else str(code_dir)
+
+    def layer_root(self, layer_dir: Path) -> str:
+        return "/opt/python" if self._sandbox else str(layer_dir)
+
+    async def launch(self, plan: LaunchPlan) -> ZygoteProcess:
+        if not self._zygote.alive:
+            await self._zygote.start()  # it died: a new one, once
+        box: dict[str, Any] | None = None
+        cgroups = None
+        if self._sandbox is not None:
+            sb = self._sandbox
+            cgroups = sb.cgroups
+            try:
+                procs = cgroups.create(
+                    plan.instance_id,
+                    Limits(
+                        memory_bytes=plan.memory_mb * 1024 * 1024,
+                        cpu_weight=plan.memory_mb / MB_PER_VCPU,
+                    ),
+                )
+            except OSError as e:
+                raise LaunchError(f"could not create the instance's cgroup: {e}") from None
+            box = {
+                "rootfs": str(sb.rootfs.path),
+                "prefix": str(sb.rootfs.python_prefix),
+                "hidden": [str(p) for p in sb.rootfs.hidden],
+                "code": str(plan.code_dir),
+                "layer": str(plan.layer_dir) if plan.layer_dir is not None else None,
+                "tmp_mb": plan.tmp_mb,
+                "uid": plan.uid,
+                "hostname": plan.function[:63],
+                "cgroup_procs": procs,
+                "nofile": sb.nofile,
+                "fsize": plan.tmp_mb * 1024 * 1024,
+                "netns": None,
+            }
+        msg = {
+            "op": "spawn",
+            "id": plan.instance_id,
+            "token": plan.token,
+            "env": plan.env,
+            "task_root": self.task_root(plan.code_dir),
+            "sandbox": box,
+        }
+        try:
+            pid, exited = await self._zygote.spawn(msg, [plan.sock_fd, plan.output_fd])
+        except BaseException:
+            if cgroups is not None:
+                with contextlib.suppress(OSError):
+                    cgroups.kill(plan.instance_id)
+                    cgroups.remove(plan.instance_id)
+            raise
+        return ZygoteProcess(pid, exited, name=plan.instance_id, cgroups=cgroups)
+
+    async def close(self) -> None:
+        await self._zygote.close()
+        if self._sandbox is not None:
+            with contextlib.suppress(OSError):
+                self._sandbox.cgroups.cleanup()
