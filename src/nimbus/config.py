@@ -48,6 +48,9 @@ class Settings:
     log_level: str = "info"
     #: Run instances as plain processes, without namespaces, cgroups or seccomp.
     insecure_no_sandbox: bool = False
+    #: Shells kept ready ahead of cold starts (sandboxed: two processes, a cgroup and
+    #: namespaces each; unsandboxed: one forked process).
+    sandbox_pool: int = 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:

@@ -169,7 +169,10 @@ def build_launcher(settings: Settings) -> Launcher:
             "--insecure-no-sandbox: instances run as plain processes, without namespaces, "
             "cgroups, seccomp or their own uid; never run untrusted code like this"
         )
-        return ZygoteLauncher(Zygote(python, seccomp_path=None, node_marker=marker), None)
+        zygote = Zygote(
+            python, seccomp_path=None, node_marker=marker, pool_size=settings.sandbox_pool
+        )
+        return ZygoteLauncher(zygote, None)
 
     from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
     from nimbus.executor.sandbox.rootfs import build_rootfs
@@ -199,8 +202,20 @@ def build_launcher(settings: Settings) -> Launcher:
         tmp = seccomp_path.with_suffix(".tmp")
         tmp.write_bytes(program)
         tmp.replace(seccomp_path)
-    sandbox = Sandbox(rootfs=rootfs, cgroups=cgroups, seccomp_path=seccomp_path)
-    return ZygoteLauncher(Zygote(python, seccomp_path=seccomp_path, node_marker=marker), sandbox)
+    sandbox = Sandbox(
+        rootfs=rootfs,
+        cgroups=cgroups,
+        seccomp_path=seccomp_path,
+        pool_size=settings.sandbox_pool,
+    )
+    zygote = Zygote(
+        python,
+        seccomp_path=seccomp_path,
+        node_marker=marker,
+        node_id=node_id,
+        pool_size=settings.sandbox_pool,
+    )
+    return ZygoteLauncher(zygote, sandbox)
 
 
 def _probe_namespaces() -> str | None:

@@ -74,6 +74,14 @@ def up(
             show_default="info",
         ),
     ] = None,
+    sandbox_pool: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_SANDBOX_POOL",
+            help="Instance shells kept ready ahead of cold starts.",
+            show_default="2",
+        ),
+    ] = None,
     insecure_no_sandbox: Annotated[
         bool,
         typer.Option(
@@ -109,6 +117,7 @@ def up(
         shutdown_grace=shutdown_grace,
         log_level=log_level,
         insecure_no_sandbox=insecure_no_sandbox or None,
+        sandbox_pool=sandbox_pool,
     )
     from nimbus.server import serve
 

@@ -122,8 +122,10 @@ class Executor:
         loop = asyncio.get_running_loop()
         emit = partial(self._emit, spec.name, version.number, instance_id)
         output = OutputReader(emit, token.encode(), self._max_log_bytes)
-        await loop.connect_read_pipe(lambda: output, os.fdopen(read_fd, "rb", buffering=0))
+        # Open the init's context before reading: a forked instance can finish its init
+        # (and write its sentinel) before the pipe is even connected.
         init_ctx = output.open("")
+        await loop.connect_read_pipe(lambda: output, os.fdopen(read_fd, "rb", buffering=0))
         _, channel = await loop.create_unix_connection(Channel, sock=parent)
         ready = channel.next_frame()
         timer = loop.call_later(spec.timeout, _expire, ready)

@@ -28,8 +28,6 @@ log = logging.getLogger("nimbus.zygote")
 MAIN = Path(__file__).with_name("main.py")
 #: Where the ``nimbus`` package lives, for the zygote's sys.path.
 NIMBUS_ROOT = str(Path(__file__).resolve().parents[3])
-#: Lambda: 1,769 MB of memory buys one vCPU.
-MB_PER_VCPU = 1769
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +36,8 @@ class Sandbox:
     cgroups: CgroupDriver
     seccomp_path: Path
     nofile: int = 1024
+    #: Shells kept ready (cgroup joined, namespaces made) so a cold start skips that work.
+    pool_size: int = 2
 
 
 class ZygoteGone(Exception):
@@ -47,13 +47,23 @@ class ZygoteGone(Exception):
 class Zygote:
     """One zygote process and its control socket."""
 
-    def __init__(self, python: str, *, seccomp_path: Path | None, node_marker: str) -> None:
+    def __init__(
+        self,
+        python: str,
+        *,
+        seccomp_path: Path | None,
+        node_marker: str,
+        node_id: str = "",
+        pool_size: int = 0,
+    ) -> None:
         self._python = python
         self._seccomp_path = seccomp_path
         self._node_marker = node_marker
+        self._node_id = node_id
+        self._pool_size = pool_size
         self._sock: socket.socket | None = None
         self._proc: asyncio.subprocess.Process | None = None
-        self._spawns: dict[str, asyncio.Future[int]] = {}
+        self._spawns: dict[str, asyncio.Future[tuple[int, str]]] = {}
         self._exits: dict[str, asyncio.Future[int]] = {}
         self._pids: dict[str, int] = {}
         self._ready: asyncio.Future[dict[str, Any]] | None = None
@@ -72,6 +82,8 @@ class Zygote:
                 NIMBUS_ROOT,
                 str(theirs.fileno()),
                 str(self._seccomp_path or ""),
+                self._node_id or "-",
+                str(self._pool_size),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env={
@@ -117,7 +129,7 @@ class Zygote:
             self._pids[ident] = msg["pid"]
             fut = self._spawns.pop(ident, None)
             if fut is not None and not fut.done():
-                fut.set_result(msg["pid"])
+                fut.set_result((msg["pid"], msg.get("cgroup", "")))
         elif "failed" in msg:
             fut = self._spawns.pop(msg["failed"], None)
             if fut is not None and not fut.done():
@@ -154,13 +166,16 @@ class Zygote:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(LaunchError("the zygote exited during start-up"))
 
-    async def spawn(self, msg: dict[str, Any], fds: list[int]) -> tuple[int, asyncio.Future[int]]:
-        """Fork an instance; its pid and a future of its exit code."""
+    async def spawn(
+        self, msg: dict[str, Any], fds: list[int]
+    ) -> tuple[int, str, asyncio.Future[int]]:
+        """Start an instance: its pid, its cgroup's name ("" unsandboxed), a future of its
+        exit code."""
         if not self.alive or self._sock is None:
             raise LaunchError("the zygote is not running")
         loop = asyncio.get_running_loop()
         ident = msg["id"]
-        spawned: asyncio.Future[int] = loop.create_future()
+        spawned: asyncio.Future[tuple[int, str]] = loop.create_future()
         exited: asyncio.Future[int] = loop.create_future()
         self._spawns[ident] = spawned
         self._exits[ident] = exited
@@ -181,11 +196,11 @@ class Zygote:
                 self._exits.pop(ident, None)
                 raise LaunchError(f"the zygote is not reachable: {e}") from None
         try:
-            pid = await spawned
+            pid, cgroup = await spawned
         except BaseException:
             self._exits.pop(ident, None)
             raise
-        return pid, exited
+        return pid, cgroup, exited
 
     async def close(self) -> None:
         """Close the control socket: the zygote kills its instances and exits."""
@@ -289,20 +304,9 @@ class ZygoteLauncher:
         if not self._zygote.alive:
             await self._zygote.start()  # it died: a new one, once
         box: dict[str, Any] | None = None
-        cgroups = None
         if self._sandbox is not None:
             sb = self._sandbox
-            cgroups = sb.cgroups
-            try:
-                procs = cgroups.create(
-                    plan.instance_id,
-                    Limits(
-                        memory_bytes=plan.memory_mb * 1024 * 1024,
-                        cpu_weight=plan.memory_mb / MB_PER_VCPU,
-                    ),
-                )
-            except OSError as e:
-                raise LaunchError(f"could not create the instance's cgroup: {e}") from None
+            limits = Limits.for_memory_mb(plan.memory_mb)
             box = {
                 "rootfs": str(sb.rootfs.path),
                 "prefix": str(sb.rootfs.python_prefix),
@@ -312,7 +316,9 @@ class ZygoteLauncher:
                 "tmp_mb": plan.tmp_mb,
                 "uid": plan.uid,
                 "hostname": plan.function[:63],
-                "cgroup_procs": procs,
+                "memory_bytes": limits.memory_bytes,
+                "cpu_weight": limits.cpu_weight,
+                "pids_max": limits.pids_max,
                 "nofile": sb.nofile,
                 "fsize": plan.tmp_mb * 1024 * 1024,
                 "netns": None,
@@ -325,15 +331,9 @@ class ZygoteLauncher:
             "task_root": self.task_root(plan.code_dir),
             "sandbox": box,
         }
-        try:
-            pid, exited = await self._zygote.spawn(msg, [plan.sock_fd, plan.output_fd])
-        except BaseException:
-            if cgroups is not None:
-                with contextlib.suppress(OSError):
-                    cgroups.kill(plan.instance_id)
-                    cgroups.remove(plan.instance_id)
-            raise
-        return ZygoteProcess(pid, exited, name=plan.instance_id, cgroups=cgroups)
+        pid, cgroup, exited = await self._zygote.spawn(msg, [plan.sock_fd, plan.output_fd])
+        cgroups = self._sandbox.cgroups if self._sandbox is not None and cgroup else None
+        return ZygoteProcess(pid, exited, name=cgroup, cgroups=cgroups)
 
     async def close(self) -> None:
         await self._zygote.close()

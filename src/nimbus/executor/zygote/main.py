@@ -1,17 +1,23 @@
-"""The zygote process: ``python -I -S main.py <nimbus root> <control fd> <seccomp file>``.
+"""The zygote process.
+
+``python -I -S main.py <nimbus root> <control fd> <seccomp file> <node id> <pool size>``
 
 One per node. It has the interpreter, the runtime shim and the sandbox code
-loaded; the server asks it, over a ``SOCK_SEQPACKET`` socket, to fork
-instances (see :mod:`.spawn`), passing each instance's socket and output pipe
-as file descriptors. It is single-threaded, so forking it is safe, and it is a
-child subreaper, so the instances it starts stay its children and it can tell
-the server how each one ended.
+loaded; the server asks it, over a ``SOCK_SEQPACKET`` socket, to start
+instances, passing each instance's socket and output pipe as file
+descriptors. It is single-threaded, so forking it is safe, and it is a child
+subreaper, so every instance stays its child and it can tell the server how
+each one ended.
+
+It keeps ``pool size`` *shells* ready (see :mod:`.spawn`), sandboxed or plain
+(``seccomp file`` empty): a spawn hands the function to a ready shell, and a
+new shell is made right after, at idle CPU priority.
 
 Messages are JSON, one per packet. Server → zygote: ``{"op": "spawn", "id",
 "token", "env", "task_root", "sandbox": {...} | null}`` with two fds.
 Zygote → server: ``{"ready": true, "pid", "sandbox_error"}``, ``{"spawned":
-id, "pid"}``, ``{"failed": id, "error"}``, ``{"exit": id, "status"}``. When the
-server's end closes, the zygote kills every instance and exits.
+id, "pid", "cgroup"}``, ``{"failed": id, "error"}``, ``{"exit": id,
+"status"}``. When the server's end closes, the zygote kills everything and exits.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ if __name__ == "__main__":  # before any nimbus import: make the package importa
 
 import contextlib
 import errno
+import itertools
 import json
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -38,6 +46,8 @@ from nimbus.executor.zygote import spawn
 #: Imported here once so that every instance starts with them loaded (shared pages).
 PRELOAD = (
     "nimbus.runtimes.python.bootstrap",
+    "nimbus.executor.sandbox.enter",
+    "nimbus.executor.sandbox.cgroups",
     "importlib",
     "json",
     "logging",
@@ -45,76 +55,125 @@ PRELOAD = (
     "uuid",
     "random",
     "resource",
-    "nimbus.executor.sandbox.enter",
 )
 
 
 @dataclass
-class _Spawned:
-    id: str
+class _Proc:
+    """One instance (or a shell waiting to become one) and what is known of it."""
+
     sandboxed: bool
+    id: str = ""  # the server's instance id; "" while a shell waits in the pool
+    cgroup: str = ""  # the shell's cgroup name
     pid: int = 0  # the pid to signal: the instance (plain) or its init (sandboxed)
     child: int = 0  # the zygote's direct child
+    go: socket.socket | None = None  # the shell's waiter, until it is given a function
     report_fd: int = -1
     report_buf: bytes = b""
     status: int | None = None
     announced: bool = False
+    failed: str = ""
     child_reaped: bool = False
     init_reaped: bool = False
 
     @property
     def finished(self) -> bool:
-        if not self.sandboxed:
-            return self.child_reaped
-        # Sandboxed: the report pipe is drained, the intermediate child reaped, and
-        # init (if it was ever started) reaped too.
-        return self.report_fd == -1 and self.child_reaped and (self.pid == 0 or self.init_reaped)
+        # The report pipe is drained, the zygote's child reaped, and (sandboxed) init too.
+        if self.report_fd != -1 or not self.child_reaped:
+            return False
+        return not self.sandboxed or self.pid == 0 or self.init_reaped
 
 
 class Zygote:
     def __init__(
-        self, ctrl: socket.socket, base_path: list[str], seccomp_bpf: bytes | None
+        self,
+        ctrl: socket.socket,
+        base_path: list[str],
+        seccomp_bpf: bytes | None,
+        cgroups: Any,
+        pool_size: int,
     ) -> None:
         self.ctrl = ctrl
         self.base_path = base_path
         self.seccomp_bpf = seccomp_bpf
+        self.cgroups = cgroups
+        self.pool_size = pool_size
         self.sel = selectors.DefaultSelector()
-        self.by_id: dict[str, _Spawned] = {}
-        self.by_pid: dict[int, _Spawned] = {}
-        self.by_report: dict[int, _Spawned] = {}
+        self.procs: list[_Proc] = []
+        self.by_pid: dict[int, _Proc] = {}
+        self.by_report: dict[int, _Proc] = {}
+        self.pool: list[_Proc] = []
+        self.names = (f"shell-{secrets.token_hex(4)}-{n}" for n in itertools.count())
 
     def send(self, msg: dict[str, Any]) -> None:
         # If the server is gone, the loop notices on its next read.
         with contextlib.suppress(OSError):
             self.ctrl.send(json.dumps(msg).encode())
 
-    # -- spawning ---------------------------------------------------------------------------
+    # -- spawning ------------------------------------------------------------------------------
     def spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
         sock_fd, out_fd = fds
-        ident = msg["id"]
-        sandboxed = msg.get("sandbox") is not None
-        rec = _Spawned(ident, sandboxed)
-        if sandboxed:
-            report_r, report_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                spawn.sandboxed(msg, sock_fd, out_fd, report_w, self.base_path, self.seccomp_bpf)
-            os.close(report_w)
-            rec.child = pid
-            rec.report_fd = report_r
-            self.by_report[report_r] = rec
-            self.sel.register(report_r, selectors.EVENT_READ, "report")
-        else:
-            pid = os.fork()
-            if pid == 0:
-                spawn.plain(msg, sock_fd, out_fd, self.base_path)
-            rec.child = rec.pid = pid
-            rec.announced = True
-            self.send({"spawned": ident, "pid": pid})
+        rec = self.pool.pop(0) if self.pool else self.new_shell()
+        rec.id = msg["id"]
+        assert rec.go is not None
+        try:
+            socket.send_fds(rec.go, [json.dumps(msg).encode()], [sock_fd, out_fd])
+        except OSError as e:
+            rec.failed = f"the shell is gone: {e}"
+        rec.go.close()
+        rec.go = None
         os.close(sock_fd)
         os.close(out_fd)
-        self.by_id[ident] = rec
+        if rec.failed:
+            self._fail(rec)
+        elif rec.pid:
+            rec.announced = True
+            self.send({"spawned": rec.id, "pid": rec.pid, "cgroup": rec.cgroup})
+
+    def new_shell(self) -> _Proc:
+        """Fork a shell; it reports its pid (init's, when sandboxed) when it is ready."""
+        sandboxed = self.cgroups is not None
+        rec = _Proc(sandboxed=sandboxed, cgroup=next(self.names) if sandboxed else "")
+        report_r, report_w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            os.close(report_r)
+            spawn.shell(
+                rec.cgroup or "plain",
+                report_w,
+                theirs,
+                self.cgroups,
+                self.base_path,
+                self.seccomp_bpf,
+            )
+        os.close(report_w)
+        theirs.close()
+        rec.go = ours
+        rec.child = pid
+        rec.report_fd = report_r
+        self.by_report[report_r] = rec
+        self.sel.register(report_r, selectors.EVENT_READ, "report")
+        self._track(rec, pid)
+        return rec
+
+    def refill(self) -> None:
+        """Top the pool up by one shell (called when there is nothing else to do)."""
+        if len(self.pool) < self.pool_size:
+            self.pool.append(self.new_shell())
+
+    def _track(self, rec: _Proc, pid: int) -> None:
+        self.procs.append(rec)
         self.by_pid[pid] = rec
+
+    def _fail(self, rec: _Proc) -> None:
+        if rec.id and not rec.announced:
+            rec.announced = True
+            self.send({"failed": rec.id, "error": rec.failed or "sandbox setup failed"})
+        if rec in self.pool:
+            self.pool.remove(rec)
+            print(f"nimbus zygote: {rec.failed}", file=sys.stderr, flush=True)
 
     def on_report(self, fd: int) -> None:
         rec = self.by_report[fd]
@@ -136,22 +195,22 @@ class Zygote:
             if kind == b"E":
                 if len(rec.report_buf) < size + value:
                     break
-                text = rec.report_buf[size : size + value].decode("utf-8", "replace")
+                rec.failed = rec.report_buf[size : size + value].decode("utf-8", "replace")
                 rec.report_buf = rec.report_buf[size + value :]
-                if not rec.announced:
-                    rec.announced = True
-                    self.send({"failed": rec.id, "error": text})
+                self._fail(rec)
                 continue
             rec.report_buf = rec.report_buf[size:]
             if kind == b"P":
                 rec.pid = value
-                self.by_pid[value] = rec
-                rec.announced = True
-                self.send({"spawned": rec.id, "pid": value})
+                if value != rec.child:
+                    self.by_pid[value] = rec
+                if rec.id and not rec.announced:
+                    rec.announced = True
+                    self.send({"spawned": rec.id, "pid": value, "cgroup": rec.cgroup})
             elif kind == b"S":
                 rec.status = value
 
-    # -- reaping ------------------------------------------------------------------------------
+    # -- reaping -------------------------------------------------------------------------------
     def reap(self) -> None:
         while True:
             try:
@@ -173,26 +232,35 @@ class Zygote:
                     rec.status = status  # init died without reporting: killed from outside
             self._maybe_finished(rec)
 
-    def _maybe_finished(self, rec: _Spawned) -> None:
-        """Report an instance's end once every process of it is reaped and its pipe drained."""
-        if not rec.finished or self.by_id.pop(rec.id, None) is None:
+    def _maybe_finished(self, rec: _Proc) -> None:
+        """Report an end once every process of it is reaped and its pipe drained."""
+        if not rec.finished or rec not in self.procs:
             return
+        self.procs.remove(rec)
+        if rec in self.pool:
+            self.pool.remove(rec)
+        if rec.go is not None:
+            rec.go.close()
+            rec.go = None
+        if not rec.id:
+            return  # a pooled shell died before it was used
         if not rec.announced:
-            self.send({"failed": rec.id, "error": "the instance exited during sandbox setup"})
+            rec.announced = True
+            self.send({"failed": rec.id, "error": rec.failed or "the instance exited during setup"})
         self.send({"exit": rec.id, "status": rec.status if rec.status is not None else 9})
 
     def kill_all(self) -> None:
-        for rec in list(self.by_id.values()):
-            if rec.pid > 0:
-                try:
+        for rec in self.procs:
+            for pid in (rec.pid, rec.child):
+                if pid <= 0:
+                    continue
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     if rec.sandboxed:
-                        os.kill(rec.pid, signal.SIGKILL)
+                        os.kill(pid, signal.SIGKILL)
                     else:
-                        os.killpg(rec.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                        os.killpg(pid, signal.SIGKILL)
 
-    # -- the loop -------------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -204,34 +272,41 @@ class Zygote:
         self.sel.register(self.ctrl, selectors.EVENT_READ, "ctrl")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
         while True:
-            for key, _ in self.sel.select():
+            # Block only when the pool is full; otherwise refill whenever no message waits
+            # (the shell does its work at idle priority, so this costs the zygote one fork).
+            events = self.sel.select(0 if len(self.pool) < self.pool_size else None)
+            if not events:
+                self.refill()
+                continue
+            for key, _ in events:
                 if key.data == "ctrl":
-                    try:
-                        data, fds, _flags, _addr = socket.recv_fds(self.ctrl, 1 << 20, 4)
-                    except OSError as e:
-                        if e.errno in (errno.EAGAIN, errno.EINTR):
-                            continue
-                        data, fds = b"", []
-                    if not data:
-                        self.kill_all()
-                        os._exit(0)
-                    msg = json.loads(data)
-                    if msg.get("op") == "spawn" and len(fds) == 2:
-                        sys.stdout.flush()
-                        sys.stderr.flush()
-                        self.spawn(msg, fds)
-                    else:
-                        for fd in fds:
-                            os.close(fd)
+                    self.on_ctrl()
                 elif key.data == "wake":
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         while os.read(wake_r, 512):
                             pass
-                    except BlockingIOError:
-                        pass
                     self.reap()
                 else:
                     self.on_report(key.fd)
+
+    def on_ctrl(self) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.ctrl, 1 << 20, 4)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return
+            data, fds = b"", []
+        if not data:
+            self.kill_all()
+            os._exit(0)
+        msg = json.loads(data)
+        if msg.get("op") == "spawn" and len(fds) == 2:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self.spawn(msg, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
 
 
 def probe() -> str | None:
@@ -254,9 +329,8 @@ def probe() -> str | None:
 
 
 def main() -> None:
-    root, ctrl_fd, seccomp_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    base_path = _BASE_PATH
-    ctrl = socket.socket(fileno=ctrl_fd)
+    _root, ctrl_fd, seccomp_path, node_id, pool_size = sys.argv[1:6]
+    ctrl = socket.socket(fileno=int(ctrl_fd))
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
         os._exit(1)
@@ -266,13 +340,21 @@ def main() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     seccomp_bpf = None
+    cgroups = None
+    sandbox_error = None
     if seccomp_path:
         with open(seccomp_path, "rb") as f:
             seccomp_bpf = f.read()
-    sandbox_error = probe() if seccomp_path else None
-    zygote = Zygote(ctrl, base_path, seccomp_bpf)
+        sandbox_error = probe()
+        if sandbox_error is None:
+            from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
+
+            try:
+                cgroups = detect(node_id)
+            except CgroupUnavailable as e:
+                sandbox_error = str(e)
+    zygote = Zygote(ctrl, _BASE_PATH, seccomp_bpf, cgroups, int(pool_size))
     zygote.send({"ready": True, "pid": os.getpid(), "sandbox_error": sandbox_error})
-    del root
     zygote.run()
 
 

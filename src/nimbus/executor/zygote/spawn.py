@@ -1,33 +1,49 @@
-"""The fork chain that turns a zygote fork into a (sandboxed) instance.
+"""The fork chains that make instances: *shells* made ahead of demand, then *go*.
 
-Plain::
+A shell is everything about an instance that does not depend on the function.
+The zygote keeps a few ready; a spawn sends one the function and its two file
+descriptors (*go*), and only the function's own steps remain on the request's
+path: no fork, no cgroup join, no namespace creation.
 
-    zygote ─fork─► instance (own session) ── runs bootstrap.serve()
+Plain shell (``--insecure-no-sandbox``)::
 
-Sandboxed::
+    zygote ─fork─► waiter (own session) ── go ──► bootstrap.serve()
 
-    zygote ─fork─► child: join cgroup, unshare namespaces ─fork─► init (pid 1): mounts,
-            │      pivot_root, hostname, lo ─fork─► instance: drop privileges,
-            │      seccomp, bootstrap.serve()
+Sandboxed shell::
+
+    zygote ─fork─► child: new cgroup (joined), unshare mount/pid/ipc/uts/net
+                   ─fork─► init (pid 1): lo up ─fork─► waiter (root, no function yet)
             └ the child reports init's pid and exits; init is adopted by the zygote
-              (a subreaper), reaps zombies, and reports the instance's exit status.
+              (a subreaper), reaps zombies, and reports the waiter's exit status.
 
-Reports go up a pipe as ``b"P" + pid``, ``b"S" + wait status`` or
-``b"E" + message``. Killing init (pid 1 of the namespace) kills everything in it.
+    go ──► waiter: cgroup limits, setns (egress), mounts + pivot_root, hostname,
+           drop to the function's uid + seccomp ──► bootstrap.serve()
+
+Shells are made at idle CPU priority (``SCHED_IDLE``) so that making one
+never slows a cold start in progress; a waiter returns to normal priority on
+*go*. Reports go up a pipe: ``b"P" + pid``, ``b"S" + wait status``,
+``b"E" + length + message``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import socket
 import struct
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nimbus.executor.sandbox.cgroups import CgroupDriver
 
 REPORT = struct.Struct("=ci")
 MAX_FD = 65536
+#: A shell's memory limit until a function claims it.
+SHELL_MEMORY_MB = 128
 
 
 def close_fds_except(keep: set[int]) -> None:
@@ -47,10 +63,159 @@ def report_error(fd: int, message: str) -> None:
     os.write(fd, REPORT.pack(b"E", len(data)) + data)
 
 
+def exit_code(e: SystemExit) -> int:
+    """What the interpreter would exit with for ``sys.exit(e.code)``."""
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code & 0xFF
+    print(e.code, file=sys.stderr)
+    return 1
+
+
 def _reset_signals() -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
+
+
+def _idle_priority(idle: bool) -> None:
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    os.sched_setscheduler(0, policy, os.sched_param(0))
+
+
+def shell(
+    name: str,
+    report_fd: int,
+    go_sock: socket.socket,
+    cgroups: CgroupDriver | None,
+    base_path: list[str],
+    seccomp_bpf: bytes | None,
+) -> None:
+    """The zygote's forked child that makes a shell (sandboxed when ``cgroups``). Never returns."""
+    try:
+        _reset_signals()
+        _idle_priority(True)
+        close_fds_except({report_fd, go_sock.fileno()})
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        if cgroups is None:
+            os.setsid()
+            report(report_fd, b"P", os.getpid())
+            os.close(report_fd)
+            _wait_for_go(name, go_sock, None, base_path, None)
+            raise AssertionError("unreachable")
+        from nimbus.executor.sandbox import enter
+        from nimbus.executor.sandbox.cgroups import Limits
+
+        enter.join_cgroups(cgroups.create(name, Limits.for_memory_mb(SHELL_MEMORY_MB)))
+        enter.unshare_namespaces(None)
+        init_pid = os.fork()
+    except BaseException as e:
+        report_error(report_fd, f"sandbox setup failed: {type(e).__name__}: {e}")
+        os._exit(1)
+    if init_pid:
+        report(report_fd, b"P", init_pid)
+        os._exit(0)
+
+    # -- pid 1 of the new pid namespace ------------------------------------------------------
+    try:
+        enter.loopback_up()
+        waiter = os.fork()
+        if waiter:
+            _idle_priority(False)  # init must be able to report promptly, even under load
+    except BaseException as e:
+        report_error(report_fd, f"sandbox setup failed: {type(e).__name__}: {e}")
+        os._exit(1)
+    if waiter == 0:
+        os.close(report_fd)
+        _wait_for_go(name, go_sock, cgroups, base_path, seccomp_bpf)  # never returns
+    go_sock.close()
+    # init keeps nothing of the instance's, so its socket closes when the instance dies.
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == waiter:
+            report(report_fd, b"S", status)
+            os._exit(0)  # pid 1 leaving takes every other process of the namespace with it
+
+
+def _wait_for_go(
+    name: str,
+    go_sock: socket.socket,
+    cgroups: CgroupDriver | None,
+    base_path: list[str],
+    seccomp_bpf: bytes | None,
+) -> None:
+    """A shell's waiting process: receive a function, become its instance. Never returns."""
+    try:
+        data, fds, _, _ = socket.recv_fds(go_sock, 1 << 20, 2)
+        if not data or len(fds) != 2:
+            os._exit(0)  # the zygote retired this shell
+        go_sock.close()
+        _idle_priority(False)
+        spec = json.loads(data)
+        sock_fd, out_fd = fds
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        if cgroups is not None:
+            _enter_sandbox(name, spec["sandbox"], cgroups, seccomp_bpf)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    _run_instance(spec, sock_fd, out_fd, base_path)
+
+
+def _enter_sandbox(
+    name: str, box: dict[str, Any], cgroups: CgroupDriver, seccomp_bpf: bytes | None
+) -> None:
+    from nimbus.executor.sandbox import enter, linux
+    from nimbus.executor.sandbox.cgroups import Limits
+
+    cgroups.create(name, Limits(box["memory_bytes"], box["cpu_weight"], box["pids_max"]))
+    if box.get("netns"):
+        fd = os.open(box["netns"], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(fd, linux.CLONE_NEWNET)
+        finally:
+            os.close(fd)
+    enter.enter_root(
+        rootfs=box["rootfs"],
+        prefix=box["prefix"],
+        hidden=box["hidden"],
+        code=box["code"],
+        layer=box.get("layer"),
+        tmp_mb=box["tmp_mb"],
+    )
+    linux.sethostname(box["hostname"])
+    enter.drop_privileges(
+        uid=box["uid"],
+        gid=box["uid"],
+        nofile=box["nofile"],
+        fsize=box["fsize"],
+        seccomp_bpf=seccomp_bpf,
+    )
+
+
+def _run_instance(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path: list[str]) -> None:
+    """Serve, then leave the way a Python program would. Never returns."""
+    code = 1
+    try:
+        _become_instance(spec, sock_fd, out_fd, base_path)
+        code = 0
+    except SystemExit as e:
+        code = exit_code(e)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def _become_instance(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path: list[str]) -> None:
@@ -72,118 +237,3 @@ def _become_instance(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path:
         del sys.modules[name]
     random.seed()  # a fork shares the zygote's random state: never reuse it
     bootstrap.serve(3, spec["token"].encode())
-
-
-def exit_code(e: SystemExit) -> int:
-    """What the interpreter would exit with for ``sys.exit(e.code)``."""
-    if e.code is None:
-        return 0
-    if isinstance(e.code, int):
-        return e.code & 0xFF
-    print(e.code, file=sys.stderr)
-    return 1
-
-
-def _run_instance(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path: list[str]) -> None:
-    """Serve, then leave the way a Python program would. Never returns."""
-    code = 1
-    try:
-        _become_instance(spec, sock_fd, out_fd, base_path)
-        code = 0
-    except SystemExit as e:
-        code = exit_code(e)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-def plain(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path: list[str]) -> None:
-    """The forked child of a plain (unsandboxed) spawn. Never returns."""
-    try:
-        _reset_signals()
-        os.setsid()
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    _run_instance(spec, sock_fd, out_fd, base_path)
-
-
-def sandboxed(
-    spec: dict[str, Any],
-    sock_fd: int,
-    out_fd: int,
-    report_fd: int,
-    base_path: list[str],
-    seccomp_bpf: bytes | None,
-) -> None:
-    """The zygote's forked child of a sandboxed spawn. Never returns."""
-    from nimbus.executor.sandbox import enter, linux
-
-    box = spec["sandbox"]
-    try:
-        _reset_signals()
-        close_fds_except({sock_fd, out_fd, report_fd})
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
-        enter.join_cgroups(box["cgroup_procs"])
-        enter.unshare_namespaces(box.get("netns"))
-        init_pid = os.fork()
-    except BaseException as e:
-        report_error(report_fd, f"sandbox setup failed: {type(e).__name__}: {e}")
-        os._exit(1)
-    if init_pid:
-        report(report_fd, b"P", init_pid)
-        os._exit(0)
-
-    # -- pid 1 of the new pid namespace -------------------------------------------------
-    try:
-        enter.enter_root(
-            rootfs=box["rootfs"],
-            prefix=box["prefix"],
-            hidden=box["hidden"],
-            code=box["code"],
-            layer=box.get("layer"),
-            tmp_mb=box["tmp_mb"],
-        )
-        linux.sethostname(box["hostname"])
-        if box.get("netns") is None:
-            enter.loopback_up()
-        instance_pid = os.fork()
-    except BaseException as e:
-        traceback.print_exc()
-        report_error(report_fd, f"sandbox setup failed: {type(e).__name__}: {e}")
-        os._exit(1)
-    if instance_pid == 0:
-        # -- the instance ----------------------------------------------------------------
-        try:
-            os.close(report_fd)
-            enter.drop_privileges(
-                uid=box["uid"],
-                gid=box["uid"],
-                nofile=box["nofile"],
-                fsize=box["fsize"],
-                seccomp_bpf=seccomp_bpf,
-            )
-        except BaseException:
-            traceback.print_exc()
-            os._exit(1)
-        _run_instance(spec, sock_fd, out_fd, base_path)
-    # init keeps nothing of the instance's: its socket must close when the instance dies.
-    os.close(sock_fd)
-    os.close(out_fd)
-    devnull = os.open("/dev/null", os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(0)
-        if pid == instance_pid:
-            report(report_fd, b"S", status)
-            os._exit(0)  # pid 1 leaving takes every other process of the namespace with it
