@@ -10,7 +10,13 @@ PORT   ?= 8080
 
 $(STAMP): pyproject.toml requirements.lock
 	@# The sandbox's seccomp filter is built with libseccomp (Debian: libseccomp2).
-	@ldconfig -p | grep -q 'libseccomp.so.2 ' || { test "$$(id -u)" = 0 && apt-get update -qq && apt-get install -y -qq libseccomp2; } || echo "warning: libseccomp2 is missing: only --insecure-no-sandbox will work"
+	@# The sandbox needs libseccomp (seccomp filter), iproute2 and iptables (egress networking).
+	@missing=""; ldconfig -p | grep -q 'libseccomp.so.2 ' || missing="$$missing libseccomp2"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "warning: missing Debian packages:$$missing (the sandbox needs them)"; fi; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip==25.3
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class Functions:
         scheduler: Scheduler,
         logs: LogStore,
         runtimes: frozenset[str],
+        on_delete: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._code = code
@@ -40,6 +42,7 @@ class Functions:
         self._scheduler = scheduler
         self._logs = logs
         self._runtimes = runtimes
+        self._on_delete = on_delete
         self._records: dict[str, FunctionRecord] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -132,6 +135,8 @@ class Functions:
             self._records.pop(name, None)
             self._scheduler.retire(name)
             await self._logs.delete_function(name)
+            if self._on_delete is not None:
+                await self._on_delete(name)
         self._locks.pop(name, None)
 
     async def _publish(

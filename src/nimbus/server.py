@@ -73,7 +73,13 @@ class Nimbus:
             queue_timeout=settings.queue_timeout,
         )
         self.functions = Functions(
-            self.store, self.code, self.layers, self.scheduler, self.logs, frozenset(runtimes)
+            self.store,
+            self.code,
+            self.layers,
+            self.scheduler,
+            self.logs,
+            frozenset(runtimes),
+            on_delete=self.executor.forget,
         )
         self.metrics = Metrics(self._instance_counts)
         self.invoker = Invoker(
@@ -175,6 +181,7 @@ def build_launcher(settings: Settings) -> Launcher:
         return ZygoteLauncher(zygote, None)
 
     from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
+    from nimbus.executor.sandbox.network import EgressNetworks
     from nimbus.executor.sandbox.rootfs import build_rootfs
     from nimbus.executor.sandbox.seccomp import compile_filter
 
@@ -206,6 +213,7 @@ def build_launcher(settings: Settings) -> Launcher:
         rootfs=rootfs,
         cgroups=cgroups,
         seccomp_path=seccomp_path,
+        egress=EgressNetworks(node_id),
         pool_size=settings.sandbox_pool,
     )
     zygote = Zygote(

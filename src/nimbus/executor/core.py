@@ -186,6 +186,12 @@ class Executor:
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
 
+    async def forget(self, function: str) -> None:
+        """A function was deleted: let the launcher drop what it kept for it."""
+        forget = getattr(self._launcher, "forget", None)
+        if forget is not None:
+            await forget(function)
+
     async def close(self) -> None:
         """Wait for background clean-ups, then close the launcher."""
         if self._reaping:

@@ -21,6 +21,7 @@ from typing import Any
 
 from nimbus.executor.launcher import LaunchError, LaunchPlan
 from nimbus.executor.sandbox.cgroups import CgroupDriver, Limits
+from nimbus.executor.sandbox.network import EgressNetworks, NetworkUnavailable
 from nimbus.executor.sandbox.rootfs import Rootfs
 
 log = logging.getLogger("nimbus.zygote")
@@ -35,6 +36,7 @@ class Sandbox:
     rootfs: Rootfs
     cgroups: CgroupDriver
     seccomp_path: Path
+    egress: EgressNetworks
     nofile: int = 1024
     #: Shells kept ready (cgroup joined, namespaces made) so a cold start skips that work.
     pool_size: int = 2
@@ -290,6 +292,8 @@ class ZygoteLauncher:
         self._sandbox = sandbox
 
     async def start(self) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.egress.prepare()
         await self._zygote.start()
         if self._sandbox is not None and self._zygote.sandbox_error:
             raise LaunchError(f"cannot sandbox instances: {self._zygote.sandbox_error}")
@@ -321,7 +325,7 @@ class ZygoteLauncher:
                 "pids_max": limits.pids_max,
                 "nofile": sb.nofile,
                 "fsize": plan.tmp_mb * 1024 * 1024,
-                "netns": None,
+                "netns": plan.network == "egress",
             }
         msg = {
             "op": "spawn",
@@ -331,12 +335,32 @@ class ZygoteLauncher:
             "task_root": self.task_root(plan.code_dir),
             "sandbox": box,
         }
-        pid, cgroup, exited = await self._zygote.spawn(msg, [plan.sock_fd, plan.output_fd])
+        fds = [plan.sock_fd, plan.output_fd]
+        netns_fd = -1
+        if box is not None and box["netns"]:
+            assert self._sandbox is not None
+            try:
+                net = await self._sandbox.egress.ensure(plan.function)
+                netns_fd = os.open(net.path, os.O_RDONLY | os.O_CLOEXEC)
+            except (NetworkUnavailable, OSError) as e:
+                raise LaunchError(f"could not set up egress networking: {e}") from None
+            fds.append(netns_fd)
+        try:
+            pid, cgroup, exited = await self._zygote.spawn(msg, fds)
+        finally:
+            if netns_fd >= 0:
+                os.close(netns_fd)
         cgroups = self._sandbox.cgroups if self._sandbox is not None and cgroup else None
         return ZygoteProcess(pid, exited, name=cgroup, cgroups=cgroups)
+
+    async def forget(self, function: str) -> None:
+        """A function was deleted: drop what was kept for it (its egress namespace)."""
+        if self._sandbox is not None:
+            await self._sandbox.egress.remove(function)
 
     async def close(self) -> None:
         await self._zygote.close()
         if self._sandbox is not None:
+            await self._sandbox.egress.close()
             with contextlib.suppress(OSError):
                 self._sandbox.cgroups.cleanup()

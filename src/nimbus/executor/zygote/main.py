@@ -112,18 +112,19 @@ class Zygote:
 
     # -- spawning ------------------------------------------------------------------------------
     def spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
-        sock_fd, out_fd = fds
+        """Hand a function to a shell. ``fds``: its socket, its output pipe, and for an
+        egress function the network namespace to join."""
         rec = self.pool.pop(0) if self.pool else self.new_shell()
         rec.id = msg["id"]
         assert rec.go is not None
         try:
-            socket.send_fds(rec.go, [json.dumps(msg).encode()], [sock_fd, out_fd])
+            socket.send_fds(rec.go, [json.dumps(msg).encode()], fds)
         except OSError as e:
             rec.failed = f"the shell is gone: {e}"
         rec.go.close()
         rec.go = None
-        os.close(sock_fd)
-        os.close(out_fd)
+        for fd in fds:
+            os.close(fd)
         if rec.failed:
             self._fail(rec)
         elif rec.pid:
@@ -300,7 +301,7 @@ class Zygote:
             self.kill_all()
             os._exit(0)
         msg = json.loads(data)
-        if msg.get("op") == "spawn" and len(fds) == 2:
+        if msg.get("op") == "spawn" and len(fds) in (2, 3):
             sys.stdout.flush()
             sys.stderr.flush()
             self.spawn(msg, fds)

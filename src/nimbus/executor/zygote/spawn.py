@@ -152,17 +152,18 @@ def _wait_for_go(
 ) -> None:
     """A shell's waiting process: receive a function, become its instance. Never returns."""
     try:
-        data, fds, _, _ = socket.recv_fds(go_sock, 1 << 20, 2)
-        if not data or len(fds) != 2:
+        data, fds, _, _ = socket.recv_fds(go_sock, 1 << 20, 3)
+        if not data or len(fds) < 2:
             os._exit(0)  # the zygote retired this shell
         go_sock.close()
         _idle_priority(False)
         spec = json.loads(data)
-        sock_fd, out_fd = fds
+        sock_fd, out_fd = fds[:2]
+        netns_fd = fds[2] if len(fds) > 2 else None
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         if cgroups is not None:
-            _enter_sandbox(name, spec["sandbox"], cgroups, seccomp_bpf)
+            _enter_sandbox(name, spec["sandbox"], cgroups, seccomp_bpf, netns_fd)
     except BaseException:
         traceback.print_exc()
         os._exit(1)
@@ -170,18 +171,21 @@ def _wait_for_go(
 
 
 def _enter_sandbox(
-    name: str, box: dict[str, Any], cgroups: CgroupDriver, seccomp_bpf: bytes | None
+    name: str,
+    box: dict[str, Any],
+    cgroups: CgroupDriver,
+    seccomp_bpf: bytes | None,
+    netns_fd: int | None,
 ) -> None:
     from nimbus.executor.sandbox import enter, linux
     from nimbus.executor.sandbox.cgroups import Limits
 
     cgroups.create(name, Limits(box["memory_bytes"], box["cpu_weight"], box["pids_max"]))
     if box.get("netns"):
-        fd = os.open(box["netns"], os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            linux.setns(fd, linux.CLONE_NEWNET)
-        finally:
-            os.close(fd)
+        if netns_fd is None:
+            raise RuntimeError("an egress function came without its network namespace")
+        linux.setns(netns_fd, linux.CLONE_NEWNET)  # the function's shared egress namespace
+        os.close(netns_fd)
     enter.enter_root(
         rootfs=box["rootfs"],
         prefix=box["prefix"],
