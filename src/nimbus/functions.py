@@ -48,6 +48,8 @@ class Functions:
 
     async def load(self) -> None:
         self._records = {r.name: r for r in await self._store.load()}
+        for record in self._records.values():
+            self._scheduler.ensure(record.current)
 
     # -- reads (no I/O) ---------------------------------------------------------------
     def current(self, name: str) -> Version:
@@ -164,6 +166,7 @@ class Functions:
         record = await self._store.publish(spec, code, layer, create=create)
         self._records[spec.name] = record
         self._scheduler.retire(spec.name, keep=record.current.number)
+        self._scheduler.ensure(record.current)
         return record
 
 

@@ -38,6 +38,7 @@ RESERVED_ENV = frozenset(
 MIN_MEMORY_MB = 128
 MAX_MEMORY_MB = 10240
 MAX_TIMEOUT_S = 900
+MAX_ENVIRONMENT_BYTES = 4096
 
 
 class ScalingSpec(BaseModel):
@@ -107,6 +108,11 @@ class FunctionSpec(BaseModel):
                 raise ValueError(f"{key!r} is not a valid variable name")
             if key in RESERVED_ENV or key.startswith("AWS_LAMBDA_"):
                 raise ValueError(f"{key!r} is set by Nimbus and cannot be overridden")
+        size = sum(len(k.encode()) + len(str(x).encode()) for k, x in v.items())
+        if size > MAX_ENVIRONMENT_BYTES:
+            raise ValueError(
+                f"variables take {size} bytes; the limit is {MAX_ENVIRONMENT_BYTES} (as on Lambda)"
+            )
         return v
 
     @property

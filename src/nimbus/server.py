@@ -65,6 +65,7 @@ class Nimbus:
             self.layers.path,
             self.logs.emit,
             max_log_bytes=settings.max_log_bytes_per_invocation,
+            max_result=settings.max_sync_payload,
         )
         self.scheduler = Scheduler(
             self.executor,

@@ -335,3 +335,20 @@ def test_parse_since_error_message_is_exact() -> None:
     assert str(info.value) == (
         "since: expected epoch seconds, an ISO 8601 time, or a duration like 10m (got 'xyz')"
     )
+
+
+def test_long_lines_are_trimmed_by_bytes_too(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = LogStore(tmp_path / "logs.db", max_bytes_per_function=100_000)
+        await store.open()
+        try:
+            for i in range(50):
+                store.emit("f", 1, "i", "r", f"{i:03d}" + "x" * 10_000)
+            await asyncio.sleep(FLUSH_INTERVAL * 4)  # flushed (and trimmed) by now
+            records = await store.query("f", limit=10_000)
+            assert sum(len(r.message) for r in records) <= 100_000
+            assert records[-1].message.startswith("049")  # the newest survive
+        finally:
+            await store.close()
+
+    asyncio.run(run())

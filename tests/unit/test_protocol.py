@@ -99,3 +99,59 @@ def test_eof_flushes_pending_output_and_trailers() -> None:
         assert reader.closed.done()
 
     asyncio.run(run())
+
+
+def test_an_oversized_reply_is_skipped_not_buffered() -> None:
+    async def run() -> None:
+        from nimbus.executor.protocol import ERROR, Channel
+
+        ch = Channel(max_frame=100)
+        reply = ch.next_frame()
+        rid = uuid.uuid4().bytes
+        wire = encode_frame(RESULT, rid, 0.5, 7, b"x" * 1000)
+        for i in range(0, len(wire), 64):  # arrives in pieces
+            ch.data_received(wire[i : i + 64])
+            assert len(ch._buffer) < 200
+        frame = await reply
+        assert frame.kind == ERROR and b"Function.ResponseSizeTooLarge" in frame.body
+        assert b"(1000 bytes)" in frame.body
+        # The stream stays in step: the next frame is read normally.
+        nxt = ch.next_frame()
+        ch.data_received(encode_frame(RESULT, rid, 0.1, 1, b"ok"))
+        assert (await nxt).body == b"ok"
+
+    asyncio.run(run())
+
+
+def test_unrequested_frames_close_the_channel() -> None:
+    async def run() -> None:
+        from nimbus.executor.protocol import Channel
+
+        class Transport:
+            closed = False
+
+            def close(self) -> None:
+                self.closed = True
+
+        ch = Channel()
+        t = Transport()
+        ch.connection_made(t)  # type: ignore[arg-type]
+        for _ in range(Channel.MAX_EARLY + 1):
+            ch.data_received(encode_frame(RESULT, bytes(16), 0, 0, b"spam"))
+        assert t.closed
+
+    asyncio.run(run())
+
+
+def test_output_outside_invocations_is_capped() -> None:
+    async def run() -> None:
+        from nimbus.executor.output import ORPHAN_MAX
+
+        reader, lines, _ = _reader()
+        chunk = b"y" * 1000 + b"\n"
+        for _ in range(ORPHAN_MAX // len(chunk) + 10):
+            reader.data_received(chunk)
+        assert len(lines) <= ORPHAN_MAX // len(chunk) + 2
+        assert "outside any invocation" in lines[-1][1]
+
+    asyncio.run(run())

@@ -259,3 +259,49 @@ def test_close_stops_everything() -> None:
         assert a.stopped and b.stopped
 
     asyncio.run(run())
+
+
+def test_decide_keeps_one_spare_while_busy() -> None:
+    busy = PoolState(idle=(), busy=3, starting=0, waiting=0)
+    assert decide(busy, ScalingSpec(max=10), now=0).start == 1
+    # Not when one is already starting or idle, not at max, not for keep_warm 0.
+    assert (
+        decide(PoolState(idle=(), busy=3, starting=1, waiting=0), ScalingSpec(), now=0).start == 0
+    )
+    assert (
+        decide(PoolState(idle=(), busy=10, starting=0, waiting=0), ScalingSpec(max=10), now=0).start
+        == 0
+    )
+    assert decide(busy, ScalingSpec(keep_warm=0), now=0).start == 0
+    idle = PoolState(idle=(IdleInstance("a", 0),), busy=3, starting=0, waiting=0)
+    assert decide(idle, ScalingSpec(), now=0).start == 0
+
+
+def test_taking_the_last_idle_instance_prewarms_a_spare() -> None:
+    async def run() -> None:
+        s, ex, _ = make()
+        v = version(max=5)
+        a = await s.acquire(v)  # a cold start, nothing more
+        s.release(a)
+        await asyncio.sleep(0.01)
+        assert len(ex.started) == 1
+        assert await s.acquire(v) is a  # takes the last idle one: a spare starts
+        await asyncio.sleep(0.01)
+        assert len(ex.started) == 2 and s.counts("f").idle == 1
+        b = await s.acquire(v)  # takes the spare: another spare starts
+        await asyncio.sleep(0.01)
+        assert b is not a and len(ex.started) == 3 and s.counts("f").idle == 1
+
+    asyncio.run(run())
+
+
+def test_ensure_makes_a_pool_for_min_instances() -> None:
+    async def run() -> None:
+        s, _, _ = make()
+        s.ensure(version("zero"))
+        s.ensure(version("two", min=2))
+        await s.tick()
+        await asyncio.sleep(0.01)
+        assert s.counts("zero").total == 0 and s.counts("two").idle == 2
+
+    asyncio.run(run())

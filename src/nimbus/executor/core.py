@@ -17,6 +17,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import orjson
+
 from nimbus.executor.instance import Instance, State, describe_exit, error_body
 from nimbus.executor.launcher import (
     InstanceProcess,
@@ -26,7 +28,15 @@ from nimbus.executor.launcher import (
     ProcessLauncher,
 )
 from nimbus.executor.output import OutputContext, OutputReader
-from nimbus.executor.protocol import INIT_ERROR, READY, Channel, Frame, InstanceGone
+from nimbus.executor.protocol import (
+    INIT_ERROR,
+    READY,
+    SPEC,
+    Channel,
+    Frame,
+    InstanceGone,
+    encode_frame,
+)
 from nimbus.models import Version
 from nimbus.runtimes.registry import PythonRuntime
 
@@ -66,6 +76,7 @@ class Executor:
         emit: LogEmit,
         *,
         max_log_bytes: int,
+        max_result: int = 6 * 1024 * 1024,
     ) -> None:
         self._launcher = launcher
         self._runtimes = runtimes
@@ -73,6 +84,7 @@ class Executor:
         self._layer_path = layer_path
         self._emit = emit
         self._max_log_bytes = max_log_bytes
+        self._max_result = max_result
         self._reaping: set[asyncio.Task[None]] = set()
 
     async def start(self, version: Version) -> Instance:
@@ -87,12 +99,18 @@ class Executor:
         layer_root = self._launcher.layer_root(layer_dir) if layer_dir is not None else None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         read_fd, write_fd = os.pipe()
+        env = runtime.environment(version, task_root, layer_root, instance_id)
+        if self._launcher.spec_over_socket:
+            # Waits in the socket's buffer (a few KB at most) until the instance reads it.
+            parent.sendall(
+                encode_frame(SPEC, bytes(16), 0.0, 0, orjson.dumps({"env": env, "token": token}))
+            )
         try:
             plan = LaunchPlan(
                 instance_id=f"{spec.name}-{instance_id}",
                 function=spec.name,
                 argv=runtime.argv(child.fileno(), token),
-                env=runtime.environment(version, task_root, layer_root, instance_id),
+                env=env,
                 code_dir=code_dir,
                 layer_dir=layer_dir,
                 sock_fd=child.fileno(),
@@ -126,7 +144,9 @@ class Executor:
         # (and write its sentinel) before the pipe is even connected.
         init_ctx = output.open("")
         await loop.connect_read_pipe(lambda: output, os.fdopen(read_fd, "rb", buffering=0))
-        _, channel = await loop.create_unix_connection(Channel, sock=parent)
+        _, channel = await loop.create_unix_connection(
+            partial(Channel, self._max_result), sock=parent
+        )
         ready = channel.next_frame()
         timer = loop.call_later(spec.timeout, _expire, ready)
         try:
@@ -153,6 +173,8 @@ class Executor:
         finally:
             timer.cancel()
         init_ms = frame.seconds * 1000.0
+        if frame.quiet:
+            output.close_quietly(init_ctx, [])
         if frame.kind == INIT_ERROR:
             self._discard(process, channel)
             error_type = _error_type(frame.body)

@@ -112,6 +112,7 @@ class Instance:
         timer = loop.call_later(timeout, _expire, reply)
         error: ErrorKind | None = None
         memory_kib = 0
+        quiet = False
         try:
             frame: Frame = await reply
         except TimeoutError:
@@ -136,6 +137,7 @@ class Instance:
             duration = frame.seconds * 1000.0
             memory_kib = frame.number
             body = frame.body
+            quiet = frame.quiet
             if frame.kind == ERROR:
                 error = "Unhandled"
             elif frame.kind != RESULT:
@@ -154,7 +156,10 @@ class Instance:
             init_ms=init_ms,
             cold=init_ms is not None,
         )
-        self._output.finish(ctx, self._trailer(result))
+        if quiet:
+            self._output.close_quietly(ctx, self._trailer(result))
+        else:
+            self._output.finish(ctx, self._trailer(result))
         if not ctx.done.done():
             # The shim wrote its sentinel before replying: this is at most a loop turn or two,
             # unless the instance died or a child of it holds the pipe open.

@@ -75,6 +75,10 @@ class InstanceProcess(Protocol):
 
 
 class Launcher(Protocol):
+    #: Whether the instance expects its environment and token as a SPEC frame on its
+    #: socket (forked instances) rather than from exec (``argv``/``env``).
+    spec_over_socket: bool
+
     #: Paths as the instance sees them: ``/var/task`` in a sandbox, the host path otherwise.
     def task_root(self, plan_code_dir: Path) -> str: ...
 
@@ -116,6 +120,8 @@ class PlainProcess:
 
 class ProcessLauncher:
     """Starts instances as plain processes (no sandbox), one ``exec`` each."""
+
+    spec_over_socket = False
 
     def task_root(self, code_dir: Path) -> str:
         return str(code_dir)

@@ -17,6 +17,8 @@ from nimbus.executor.protocol import SENTINEL_PREFIX
 
 #: A line longer than this is cut into pieces (a function printing without newlines).
 MAX_LINE = 64 * 1024
+#: Output kept between two invocations (from background threads or children).
+ORPHAN_MAX = 1024 * 1024
 
 Emit = Callable[[str, str], None]  # (request_id, message)
 
@@ -43,15 +45,31 @@ class OutputReader(asyncio.Protocol):
         self._max_bytes = max_bytes
         self._buffer = bytearray()
         self._contexts: deque[OutputContext] = deque()
+        # Output while no invocation is open (a thread still printing after its handler
+        # returned): capped too, per gap between invocations.
+        self._orphan_bytes = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def open(self, request_id: str) -> OutputContext:
         """Start attributing output to a new invocation (after the previous one ends)."""
         ctx = OutputContext(request_id, asyncio.get_running_loop())
+        self._orphan_bytes = 0
         if self.closed.done():
             ctx.done.set_result(None)
         self._contexts.append(ctx)
         return ctx
+
+    def close_quietly(self, ctx: OutputContext, trailer: list[str]) -> None:
+        """The instance wrote no sentinel: the pipe held nothing more of ``ctx``'s output
+        when it replied, so what was read is all of it (a partial last line included)."""
+        if self._contexts and self._contexts[0] is ctx:
+            if self._buffer:
+                self._lines(self._buffer, final=True)
+                self._buffer.clear()
+            ctx._trailer = trailer
+            self._close_current()
+        else:
+            self.finish(ctx, trailer)
 
     def finish(self, ctx: OutputContext, trailer: list[str]) -> None:
         """Emit ``trailer`` once ``ctx``'s output is complete (now, or when it arrives)."""
@@ -109,6 +127,17 @@ class OutputReader(asyncio.Protocol):
             return
         ctx = self._contexts[0] if self._contexts else None
         rid = ctx.request_id if ctx is not None else ""
+        if ctx is None:
+            if self._orphan_bytes > ORPHAN_MAX:
+                return
+            self._orphan_bytes += len(chunk)
+            if self._orphan_bytes > ORPHAN_MAX:
+                self._emit(
+                    rid,
+                    f"[nimbus] output dropped: more than {ORPHAN_MAX} bytes written "
+                    "outside any invocation",
+                )
+                return
         if ctx is not None:
             if ctx.truncated:
                 return

@@ -8,6 +8,7 @@ pending future at a time (an instance serves one invocation at a time).
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import cast
 
@@ -16,9 +17,11 @@ from nimbus.runtimes.python.bootstrap import (
     HEADER,
     INIT_ERROR,
     INVOKE,
+    QUIET,
     READY,
     RESULT,
     SENTINEL_PREFIX,
+    SPEC,
 )
 
 __all__ = [
@@ -26,9 +29,11 @@ __all__ = [
     "HEADER",
     "INIT_ERROR",
     "INVOKE",
+    "QUIET",
     "READY",
     "RESULT",
     "SENTINEL_PREFIX",
+    "SPEC",
     "Channel",
     "Frame",
     "InstanceGone",
@@ -48,6 +53,8 @@ class Frame:
     seconds: float
     number: int
     body: bytes
+    #: No output sentinel follows this reply (see ``QUIET``).
+    quiet: bool = False
 
 
 def encode_frame(kind: int, request_id: bytes, seconds: float, number: int, body: bytes) -> bytes:
@@ -65,22 +72,49 @@ def decode_frames(buffer: bytearray) -> list[Frame]:
         if end - offset - hsize < length:
             break
         start = offset + hsize
-        frames.append(Frame(kind, rid, seconds, number, bytes(buffer[start : start + length])))
+        body = bytes(buffer[start : start + length])
+        frames.append(Frame(kind & ~QUIET, rid, seconds, number, body, bool(kind & QUIET)))
         offset = start + length
     if offset:
         del buffer[:offset]
     return frames
 
 
-class Channel(asyncio.Protocol):
-    """One instance's socket. ``request()`` sends a frame and awaits the next reply."""
+def too_large(length: int, limit: int) -> bytes:
+    """Lambda's error for a response over the limit."""
+    return json.dumps(
+        {
+            "errorMessage": f"Response payload size ({length} bytes) exceeded maximum "
+            f"allowed payload size ({limit} bytes).",
+            "errorType": "Function.ResponseSizeTooLarge",
+            "requestId": "",
+            "stackTrace": [],
+        }
+    ).encode()
 
-    def __init__(self) -> None:
+
+class Channel(asyncio.Protocol):
+    """One instance's socket. ``send()`` sends a frame and returns the reply's future.
+
+    Memory stays bounded whatever the instance writes: a frame over
+    ``max_frame`` is never buffered (its body is skipped as it arrives and the
+    reply becomes ``Function.ResponseSizeTooLarge``), and frames nobody asked
+    for beyond a handful close the connection (the executor then kills the
+    instance).
+    """
+
+    #: Unrequested frames tolerated before the instance counts as misbehaving.
+    MAX_EARLY = 4
+
+    def __init__(self, max_frame: int = 64 * 1024 * 1024) -> None:
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[Frame] | None = None
         self._early: list[Frame] = []
         self._closed = False
+        self._max_frame = max_frame
+        self._skip = 0
+        self._skipped: Frame | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -88,14 +122,47 @@ class Channel(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        for frame in decode_frames(self._buffer):
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                self._waiter = None
-                waiter.set_result(frame)
-            else:
-                self._early.append(frame)
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
+            if self._skip == 0 and self._skipped is not None:
+                frame, self._skipped = self._skipped, None
+                self._deliver(frame)
+            if not data:
+                return
+        buf = self._buffer
+        buf += data
+        hsize = HEADER.size
+        while len(buf) >= hsize:
+            length, kind, rid, seconds, number = HEADER.unpack_from(buf)
+            quiet = bool(kind & QUIET)
+            if length > self._max_frame:
+                have = min(len(buf) - hsize, length)
+                del buf[: hsize + have]
+                frame = Frame(
+                    ERROR, rid, seconds, number, too_large(length, self._max_frame), quiet
+                )
+                if have < length:
+                    self._skip, self._skipped = length - have, frame
+                    return
+                self._deliver(frame)
+                continue
+            if len(buf) - hsize < length:
+                return
+            body = bytes(buf[hsize : hsize + length])
+            del buf[: hsize + length]
+            self._deliver(Frame(kind & ~QUIET, rid, seconds, number, body, quiet))
+
+    def _deliver(self, frame: Frame) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_result(frame)
+            return
+        self._early.append(frame)
+        if len(self._early) > self.MAX_EARLY and self._transport is not None:
+            self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True

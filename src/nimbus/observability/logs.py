@@ -119,9 +119,17 @@ class LogStore:
     :meth:`close` has begun are dropped.
     """
 
-    def __init__(self, path: Path, *, max_records_per_function: int = 100_000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_records_per_function: int = 100_000,
+        max_bytes_per_function: int = 64 * 1024 * 1024,
+    ) -> None:
         if max_records_per_function < 1:
             raise ValueError("max_records_per_function must be at least 1")
+        self._byte_cap = max_bytes_per_function
+        self._bytes: dict[str, int] = {}
         self._path = path
         self._cap = max_records_per_function
         self._slack = max(1, max_records_per_function // 10)
@@ -358,31 +366,54 @@ class LogStore:
     def _db_write(self, batch: list[_Row]) -> list[str]:
         conn = self._db()
         added = Counter(row[2] for row in batch)
+        added_bytes: Counter[str] = Counter()
+        for row in batch:
+            added_bytes[row[2]] += len(row[-1])
         conn.execute("BEGIN")
         try:
             conn.executemany(_INSERT, batch)
             for function, n in added.items():
                 count = self._counts.get(function)
-                if count is None:
-                    (count,) = conn.execute(
-                        "SELECT count(*) FROM logs WHERE function = ?", (function,)
+                size = self._bytes.get(function)
+                if count is None or size is None:
+                    count, size = conn.execute(
+                        "SELECT count(*), total(length(message)) FROM logs WHERE function = ?",
+                        (function,),
                     ).fetchone()
+                    count, size = int(count), int(size)
                 else:
                     count += n
+                    size += added_bytes[function]
                 if count - self._cap >= self._slack:
                     count -= conn.execute(_TRIM, (function, function, self._cap - 1)).rowcount
+                    size = -1  # recounted below
+                while True:
+                    if size < 0:
+                        count, size = conn.execute(
+                            "SELECT count(*), total(length(message)) FROM logs WHERE function = ?",
+                            (function,),
+                        ).fetchone()
+                        count, size = int(count), int(size)
+                    if size <= self._byte_cap or count <= 1:
+                        break
+                    # Over the byte budget (long lines): keep the newer half, then recount.
+                    conn.execute(_TRIM, (function, function, max(1, count // 2) - 1))
+                    size = -1
                 self._counts[function] = count
+                self._bytes[function] = size
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._counts.clear()  # may count rows that were rolled back; recount lazily
+            self._bytes.clear()
             raise
         return list(added)
 
     def _db_delete(self, function: str) -> None:
         self._db().execute("DELETE FROM logs WHERE function = ?", (function,))
         self._counts.pop(function, None)
+        self._bytes.pop(function, None)
 
     def _db_select(
         self,

@@ -47,6 +47,10 @@ def decide(state: PoolState, scaling: ScalingSpec, now: float) -> Decision:
     - Idle instances that have waited ``keep_warm`` seconds are stopped, oldest
       first, but never below ``scaling.min``.
     - Below ``scaling.min``, start the difference.
+    - While the function is busy with no idle instance and none starting, start
+      one *spare* (within ``scaling.max``), so the next request of a burst does
+      not wait for a cold start. Not for ``keep_warm: 0``, which asks for no
+      idle instances at all.
     """
     if state.retired:
         return Decision(stop=tuple(i.id for i in state.idle))
@@ -59,4 +63,13 @@ def decide(state: PoolState, scaling: ScalingSpec, now: float) -> Decision:
         if now - inst.last_used >= scaling.keep_warm:
             stop.append(inst.id)
     start = max(0, floor - total)
+    wants_spare = (
+        state.busy > 0
+        and not state.idle
+        and state.starting == 0
+        and scaling.keep_warm > 0
+        and total < scaling.max
+    )
+    if wants_spare:
+        start = max(start, 1)
     return Decision(stop=tuple(stop), start=start)

@@ -101,6 +101,8 @@ class Scheduler:
             inst = pool.idle.pop()
             inst.state = State.BUSY
             pool.busy.add(inst)
+            if not pool.idle:
+                self._apply(pool, self._clock())  # the last idle one: maybe a spare
             return inst
         if self._can_start(pool):
             return await self._start(pool)
@@ -231,21 +233,17 @@ class Scheduler:
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
 
+    def ensure(self, version: Version) -> None:
+        """Make sure a pool exists for ``version`` (so ``scaling.min`` is honoured
+        before its first request); a no-op for functions that scale to zero."""
+        if version.spec.scaling.min > 0:
+            self._pool(version)
+
     async def tick(self) -> None:
         """Apply one round of scaling decisions (the loop calls this every second)."""
         now = self._clock()
         for key, pool in list(self._pools.items()):
-            decision = decide(pool.state(), pool.version.spec.scaling, now)
-            if decision.stop:
-                doomed = set(decision.stop)
-                for inst in [i for i in pool.idle if i.id in doomed]:
-                    pool.idle.remove(inst)
-                    self._forget(inst)
-                    self._stop_in_background(inst)
-            for _ in range(decision.start):
-                if not self._can_start(pool):
-                    break
-                self._prewarm(pool)
+            self._apply(pool, now)
             if (
                 pool.total == 0
                 and not pool.waiters
@@ -255,6 +253,19 @@ class Scheduler:
         self._wake_for_capacity()
 
     # -- internals ---------------------------------------------------------------------
+    def _apply(self, pool: _Pool, now: float) -> None:
+        decision = decide(pool.state(), pool.version.spec.scaling, now)
+        if decision.stop:
+            doomed = set(decision.stop)
+            for inst in [i for i in pool.idle if i.id in doomed]:
+                pool.idle.remove(inst)
+                self._forget(inst)
+                self._stop_in_background(inst)
+        for _ in range(decision.start):
+            if not self._can_start(pool):
+                break
+            self._prewarm(pool)
+
     def _pool(self, version: Version) -> _Pool:
         key = (version.name, version.number)
         pool = self._pools.get(key)

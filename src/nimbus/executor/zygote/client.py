@@ -287,6 +287,9 @@ class ZygoteProcess:
 class ZygoteLauncher:
     """Forks instances from the zygote; sandboxed when given a :class:`Sandbox`."""
 
+    #: Forked instances get their environment and token as the first frame on their socket.
+    spec_over_socket = True
+
     def __init__(self, zygote: Zygote, sandbox: Sandbox | None) -> None:
         self._zygote = zygote
         self._sandbox = sandbox
@@ -327,11 +330,11 @@ class ZygoteLauncher:
                 "fsize": plan.tmp_mb * 1024 * 1024,
                 "netns": plan.network == "egress",
             }
+        # No environment here: it may hold secrets, and the zygote's memory is inherited
+        # by every later fork. The executor sends it on the instance's own socket (SPEC).
         msg = {
             "op": "spawn",
             "id": plan.instance_id,
-            "token": plan.token,
-            "env": plan.env,
             "task_root": self.task_root(plan.code_dir),
             "sandbox": box,
         }

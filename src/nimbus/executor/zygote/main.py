@@ -55,6 +55,8 @@ PRELOAD = (
     "uuid",
     "random",
     "resource",
+    "array",
+    "fcntl",
 )
 
 

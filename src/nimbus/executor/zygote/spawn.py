@@ -80,8 +80,10 @@ def _reset_signals() -> None:
 
 
 def _idle_priority(idle: bool) -> None:
-    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
-    os.sched_setscheduler(0, policy, os.sched_param(0))
+    # Leaving SCHED_IDLE needs privilege: without root, shells run at normal priority.
+    if os.geteuid() == 0:
+        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+        os.sched_setscheduler(0, policy, os.sched_param(0))
 
 
 def shell(
@@ -156,12 +158,12 @@ def _wait_for_go(
         if not data or len(fds) < 2:
             os._exit(0)  # the zygote retired this shell
         go_sock.close()
+        sock_fd, out_fd = fds[:2]
+        os.dup2(out_fd, 1)  # first: from here on, a failure is in the instance's logs
+        os.dup2(out_fd, 2)
         _idle_priority(False)
         spec = json.loads(data)
-        sock_fd, out_fd = fds[:2]
         netns_fd = fds[2] if len(fds) > 2 else None
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
         if cgroups is not None:
             _enter_sandbox(name, spec["sandbox"], cgroups, seccomp_bpf, netns_fd)
     except BaseException:
@@ -232,12 +234,13 @@ def _become_instance(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path:
         os.dup2(sock_fd, 3)
     close_fds_except({0, 1, 2, 3})
     os.chdir(spec["task_root"])
-    os.environ.clear()
-    os.environ.update(spec["env"])
     bootstrap = sys.modules["nimbus.runtimes.python.bootstrap"]
+    private = bootstrap.read_spec(3)  # env and token: never seen by the zygote
+    os.environ.clear()
+    os.environ.update(private["env"])
     # Nothing of Nimbus is importable from the function: only the stdlib remains.
     sys.path[:] = base_path
     for name in [m for m in sys.modules if m == "nimbus" or m.startswith("nimbus.")]:
         del sys.modules[name]
     random.seed()  # a fork shares the zygote's random state: never reuse it
-    bootstrap.serve(3, spec["token"].encode())
+    bootstrap.serve(3, str(private["token"]).encode())

@@ -11,6 +11,8 @@ Wire format (both directions, on the instance's own socket)::
     body   = raw bytes
 
     kind        direction   seconds             number          body
+    SPEC        exec → inst 0                   0               {"env", "token"} JSON (forked
+                                                                instances only: the first frame)
     READY       inst → exec init duration       0               empty
     INIT_ERROR  inst → exec init duration       0               Lambda error JSON
     INVOKE      exec → inst deadline (epoch)    0               event JSON
@@ -19,7 +21,10 @@ Wire format (both directions, on the instance's own socket)::
 
 Output: fd 1 and 2 are one pipe read by the executor. After the init and after
 each invocation the shim flushes and writes ``SENTINEL_PREFIX + token + b"\\n"``
-so the executor can tell whose lines came before it.
+so the executor can tell whose lines came before it — unless the pipe is empty
+(the executor has read everything already): then the reply's kind carries
+``QUIET`` and no sentinel is written, which saves a write, a read and a wake-up
+on the hot path of functions that print nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +32,40 @@ from __future__ import annotations
 import struct
 
 HEADER = struct.Struct(">IB16sdQ")
-READY, INIT_ERROR, INVOKE, RESULT, ERROR = 1, 2, 3, 4, 5
+READY, INIT_ERROR, INVOKE, RESULT, ERROR, SPEC = 1, 2, 3, 4, 5, 6
+#: Or'ed into the kind of a READY/RESULT/ERROR frame: no sentinel follows on the
+#: output pipe, because the pipe was empty (everything written was already read).
+QUIET = 0x80
 SENTINEL_PREFIX = b"\x00\x1fnimbus-end:"
+FIONREAD = 0x541B
+
+
+def read_spec(fd: int) -> dict[str, object]:
+    """Read the SPEC frame a forked instance gets first: its environment and token.
+
+    They travel on the instance's own socket, never through the zygote, whose
+    memory every later fork inherits: one function's secrets must never be
+    readable in another's heap.
+    """
+    import json
+    import os
+
+    def exactly(n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = os.read(fd, n)
+            if not chunk:
+                raise EOFError("the executor closed the socket before sending the spec")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    length, kind, _, _, _ = HEADER.unpack(exactly(HEADER.size))
+    body = exactly(length)
+    if kind != SPEC:
+        raise ValueError(f"expected the instance spec first, got frame kind {kind}")
+    spec: dict[str, object] = json.loads(body)
+    return spec
 
 
 def main(argv: list[str]) -> None:
@@ -41,6 +78,8 @@ def serve(fd: int, token: bytes) -> None:
 
     Called by :func:`main`, or directly in a process forked from a zygote.
     """
+    import array
+    import fcntl
     import importlib
     import json
     import logging
@@ -61,10 +100,20 @@ def serve(fd: int, token: bytes) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
-    def end_of_output() -> None:
+    pending = array.array("i", [0])
+
+    def end_of_output() -> int:
+        """Flush; write the sentinel only if output is still in the pipe. The QUIET bit or 0."""
         sys.stdout.flush()
         sys.stderr.flush()
+        try:
+            fcntl.ioctl(1, FIONREAD, pending, True)
+            if pending[0] == 0:
+                return QUIET
+        except OSError:
+            pass
         os.write(1, sentinel)
+        return 0
 
     def send(kind: int, rid: bytes, seconds: float, number: int, body: bytes) -> None:
         sock.sendall(HEADER.pack(len(body), kind, rid, seconds, number) + body)
@@ -150,12 +199,10 @@ def serve(fd: int, token: bytes) -> None:
                 else [],
             }
         ).encode()
-        end_of_output()
-        send(INIT_ERROR, bytes(16), init_s, 0, body)
+        send(INIT_ERROR | end_of_output(), bytes(16), init_s, 0, body)
         return
     init_s = time.perf_counter() - started
-    end_of_output()
-    send(READY, bytes(16), init_s, 0, b"")
+    send(READY | end_of_output(), bytes(16), init_s, 0, b"")
 
     # -- invoke loop ------------------------------------------------------------
     ctx_base = {
@@ -209,8 +256,7 @@ def serve(fd: int, token: bytes) -> None:
         elapsed = time.perf_counter() - t0
         maxrss = max_rss_kib()
         current["rid"] = ""
-        end_of_output()
-        send(out_kind, rid_raw, elapsed, maxrss, out)
+        send(out_kind | end_of_output(), rid_raw, elapsed, maxrss, out)
 
 
 class _InitError(Exception):
