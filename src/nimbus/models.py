@@ -52,10 +52,45 @@ class ScalingSpec(BaseModel):
     keep_warm: float = Field(default=300, ge=0, le=86400)
 
 
+DESTINATION_RE = re.compile(r"^(function:[a-z][a-z0-9-]{0,62}|https?://\S+)$")
+
+
+class AsyncSpec(BaseModel):
+    """How asynchronous invocations of a function are retried and where results go
+    (``async:`` in ``nimbus.yaml``; Lambda's EventInvokeConfig)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Retries after a *function* error (its exception, timeout, crash, init failure).
+    max_retries: int = Field(default=2, ge=0, le=2)
+    #: Seconds an event may wait (throttled, retrying) before it is given up.
+    max_event_age: float = Field(default=21600, ge=60, le=21600)
+    #: Backoff between attempts: base × factor^(attempt-1), capped, ±10 % jitter.
+    backoff_base: float = Field(default=1.0, ge=0.01, le=300)
+    backoff_factor: float = Field(default=2.0, ge=1, le=10)
+    backoff_max: float = Field(default=300, ge=0.01, le=3600)
+    #: Instances async work may occupy at once (None: half of scaling.max, at least 1),
+    #: so a burst of events cannot starve synchronous callers.
+    max_concurrency: int | None = Field(default=None, ge=1, le=1000)
+    #: Destinations: "function:<name>" or an http(s) URL.
+    on_success: str | None = None
+    on_failure: str | None = None
+    dead_letter: str | None = None
+
+    @field_validator("on_success", "on_failure", "dead_letter")
+    @classmethod
+    def _destination(cls, v: str | None) -> str | None:
+        if v is not None and not DESTINATION_RE.fullmatch(v):
+            raise ValueError("must be 'function:<name>' or an http(s) URL")
+        return v
+
+
 class FunctionSpec(BaseModel):
     """A function's configuration, as in ``nimbus.yaml``. Immutable once part of a version."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True
+    )
 
     name: str
     runtime: str = "python3.11"
@@ -67,6 +102,10 @@ class FunctionSpec(BaseModel):
     network: Literal["none", "egress"] = "none"
     #: Size of the instance's private /tmp, MB (Lambda's ephemeral storage).
     ephemeral_storage: int = Field(default=512, ge=512, le=10240)
+    #: Asynchronous invocation settings (``async:`` in YAML).
+    async_: AsyncSpec = Field(default_factory=AsyncSpec, alias="async")
+    #: Event sources: ``{type: schedule, ...}`` (see nimbus.triggers), more to come.
+    triggers: tuple[dict[str, Any], ...] = ()
     description: str = Field(default="", max_length=256)
 
     @field_validator("name")
@@ -115,6 +154,31 @@ class FunctionSpec(BaseModel):
             )
         return v
 
+    @field_validator("triggers")
+    @classmethod
+    def _triggers(cls, v: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        from nimbus.triggers.schedule import parse_schedule
+
+        names: set[str] = set()
+        out = []
+        for index, raw in enumerate(v):
+            kind = raw.get("type") if isinstance(raw, dict) else None
+            if kind != "schedule":
+                raise ValueError(
+                    f"triggers[{index}].type: unknown trigger type {kind!r} (supported: schedule)"
+                )
+            fields = {k: x for k, x in raw.items() if k != "type"}
+            try:
+                spec = parse_schedule(fields, index=index)
+            except InvalidParameterValue as e:
+                raise ValueError(e.message) from None
+            name = spec.name or f"schedule-{index}"
+            if name in names:
+                raise ValueError(f"triggers[{index}].name: {name!r} is used twice")
+            names.add(name)
+            out.append({"type": "schedule", **spec.as_dict(), "name": name})
+        return tuple(out)
+
     @property
     def handler_module(self) -> str:
         return self.handler.rsplit(".", 1)[0]
@@ -136,10 +200,14 @@ def _describe(error: ValidationError) -> str:
         got = e.get("input")
         suffix = (
             f" (got {got!r})"
-            if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict)
+            if e["type"] not in ("missing", "extra_forbidden")
+            and not isinstance(got, dict | list | tuple)
             else ""
         )
-        parts.append(f"{where}: {msg}{suffix}")
+        if msg.startswith(f"{where}["):  # the message names its own place (triggers[0]...)
+            parts.append(f"{msg}{suffix}")
+        else:
+            parts.append(f"{where}: {msg}{suffix}")
     return "invalid function spec: " + "; ".join(parts)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from nimbus.api import build_api
+from nimbus.asyncinvoke import AsyncInvoker
 from nimbus.config import Settings
 from nimbus.errors import NimbusError
 from nimbus.executor.core import Executor, Launcher
@@ -31,6 +32,7 @@ from nimbus.invoke import Invoker
 from nimbus.observability.logs import LogStore
 from nimbus.observability.metrics import Metrics
 from nimbus.packaging import CodeStore, LayerStore, package_directory
+from nimbus.queue import SqliteQueue
 from nimbus.runtimes.registry import available_runtimes
 from nimbus.scheduling import Scheduler
 from nimbus.store import SqliteStore
@@ -91,6 +93,7 @@ class Nimbus:
             max_payload=settings.max_sync_payload,
         )
         self.gateway = Gateway(self.invoker)
+        self.async_invoker = AsyncInvoker(SqliteQueue(data / "queue.db"))
         self.api = build_api(
             self.functions,
             self.invoker,
@@ -123,8 +126,10 @@ class Nimbus:
         await self.logs.open()
         await self.functions.load()
         self.scheduler.start()
+        await self.async_invoker.start()
 
     async def stop(self) -> None:
+        await self.async_invoker.close()
         await self.scheduler.close()
         await self.executor.close()
         await self.logs.close()

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import typer
 from typer.core import TyperGroup
 
-from nimbus.cli import functions, logs, scaffold, server
+from nimbus.cli import functions, invocations, logs, scaffold, server, triggers
 from nimbus.cli.common import DEFAULT_URL, CliError, State, print_error
 from nimbus.errors import NimbusError
 
@@ -99,6 +99,8 @@ app.command("describe")(functions.describe)
 app.command("delete")(functions.delete)
 app.command("logs")(logs.logs)
 app.command("up")(server.up)
+app.add_typer(invocations.app, name="invocations")
+app.add_typer(triggers.app, name="triggers")
 
 
 def main() -> None:
