@@ -31,6 +31,8 @@ class Invoker:
         self._logs = logs
         self._metrics = metrics
         self.max_payload = max_payload
+        #: Per function: [cold starts, warm starts] since this node started.
+        self._starts: dict[str, list[int]] = {}
 
     async def invoke(
         self, name: str, event: bytes, *, request_id: uuid.UUID | None = None
@@ -64,7 +66,16 @@ class Invoker:
         finally:
             self._scheduler.release(inst)
         self._metrics.observe(name, result)
+        starts = self._starts.get(name)
+        if starts is None:
+            starts = self._starts[name] = [0, 0]
+        starts[0 if result.cold else 1] += 1
         return result
+
+    def starts(self, name: str) -> dict[str, int]:
+        """How many invocations of ``name`` started an instance (cold) or found one (warm)."""
+        cold, warm = self._starts.get(name, (0, 0))
+        return {"cold": cold, "warm": warm}
 
     def _log_init_failure(self, name: str, number: int, memory: int, r: InvokeResult) -> None:
         emit = self._logs.emit

@@ -103,6 +103,7 @@ class Nimbus:
             tmp_dir=data / "tmp",
             max_zip_bytes=settings.max_zip_bytes,
             lifespan=self._lifespan,
+            zygote_up=self.executor.zygote_up,
         )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

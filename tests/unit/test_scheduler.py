@@ -30,6 +30,9 @@ class FakeInstance:
         self.last_used = 0.0
         self.stopped = False
 
+    def prewarmed(self) -> None:
+        pass
+
     @property
     def alive(self) -> bool:
         return self.state is not State.DEAD

@@ -70,6 +70,7 @@ def build_api(
     tmp_dir: Path,
     max_zip_bytes: int,
     lifespan: Lifespan | None = None,
+    zygote_up: Callable[[], bool] = lambda: False,
 ) -> FastAPI:
     app = FastAPI(
         title="Nimbus",
@@ -124,10 +125,13 @@ def build_api(
             "updated_at": _iso(v.created_at),
             "instances": {
                 "total": counts.total,
+                "warm": counts.idle + counts.busy,
                 "idle": counts.idle,
                 "busy": counts.busy,
                 "starting": counts.starting,
             },
+            "starts": invoker.starts(record.name),
+            "zygote": {"runtime": v.spec.runtime, "up": zygote_up()},
             "url": f"/function/{record.name}",
         }
         if versions is not None:

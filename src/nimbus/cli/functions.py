@@ -393,8 +393,19 @@ def describe(
         ("layer", f"sha256 {_short(layer)}" if layer else "none (no requirements.txt)"),
         (
             "instances",
-            f"{instances.get('total', 0)} ({instances.get('idle', 0)} idle, "
-            f"{instances.get('busy', 0)} busy, {instances.get('starting', 0)} starting)",
+            f"{instances.get('total', 0)} ({instances.get('warm', 0)} warm: "
+            f"{instances.get('idle', 0)} idle, {instances.get('busy', 0)} busy; "
+            f"{instances.get('starting', 0)} starting)",
+        ),
+        (
+            "starts",
+            f"{_dict(fn.get('starts')).get('cold', 0)} cold, "
+            f"{_dict(fn.get('starts')).get('warm', 0)} warm",
+        ),
+        (
+            "zygote",
+            f"{_dict(fn.get('zygote')).get('runtime', '?')}: "
+            + ("up" if _dict(fn.get("zygote")).get("up") else "down"),
         ),
         ("created", _when(fn.get("created_at"))),
         ("updated", _when(fn.get("updated_at"))),

@@ -208,6 +208,11 @@ class Executor:
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
 
+    def zygote_up(self) -> bool:
+        """Whether the runtime's zygote is running (False for exec'd instances)."""
+        zygote = getattr(self._launcher, "zygote", None)
+        return bool(zygote is not None and zygote.alive)
+
     async def forget(self, function: str) -> None:
         """A function was deleted: let the launcher drop what it kept for it."""
         forget = getattr(self._launcher, "forget", None)

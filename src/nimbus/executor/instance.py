@@ -90,6 +90,11 @@ class Instance:
         #: Reported (then cleared) with the first invocation: that one was a cold start.
         self._init_ms: float | None = init_ms
 
+    def prewarmed(self) -> None:
+        """Started ahead of demand: no invocation waited for its init (as with Lambda's
+        provisioned concurrency, no ``Init Duration`` is reported)."""
+        self._init_ms = None
+
     @property
     def pid(self) -> int:
         return self.process.pid
@@ -178,6 +183,7 @@ class Instance:
         )
         if r.init_ms is not None:
             report += f"\tInit Duration: {r.init_ms:.2f} ms"
+        report += "\tStart: cold" if r.cold else "\tStart: warm"
         if r.error == "Timeout":
             report += "\tStatus: timeout"
         elif r.error in ("Crash", "OutOfMemory"):

@@ -321,6 +321,7 @@ class Scheduler:
             except InitFailed as e:
                 log.warning("prewarming %s failed: %s", pool.version.name, e.error_type)
                 return
+            inst.prewarmed()  # its init happened before any request: the first one is warm
             self.release(inst)
 
         task = asyncio.get_running_loop().create_task(warm())

@@ -292,6 +292,7 @@ class ZygoteLauncher:
 
     def __init__(self, zygote: Zygote, sandbox: Sandbox | None) -> None:
         self._zygote = zygote
+        self.zygote = zygote
         self._sandbox = sandbox
 
     async def start(self) -> None:
