@@ -119,7 +119,9 @@ def function_object(name: str = "hello", version: int = 1) -> dict[str, Any]:
             {"version": v, "created_at": "2026-11-27T05:00:00Z", "code_sha256": "cd" * 32}
             for v in range(1, version + 1)
         ],
-        "instances": {"total": 3, "idle": 2, "busy": 1, "starting": 0},
+        "instances": {"total": 3, "warm": 3, "idle": 2, "busy": 1, "starting": 0},
+        "starts": {"cold": 4, "warm": 9},
+        "zygote": {"runtime": "python3.11", "up": True},
         "url": f"/function/{name}",
     }
 
@@ -504,7 +506,8 @@ def test_describe(runner: CliRunner) -> None:
     assert f"{URL}/function/hello" in out
     assert "abababababab" in out and "ab" * 32 not in out  # short hash
     assert "GREETING=hi" in out
-    assert "3 (2 idle, 1 busy, 0 starting)" in out
+    assert "3 (3 warm: 2 idle, 1 busy; 0 starting)" in out
+    assert "4 cold, 9 warm" in out and "python3.11: up" in out
     assert "30 s" in out
     assert api.requests[0].url.path == "/v1/functions/hello"
 
