@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 ## make up: install into .venv, start Nimbus on $(HOST):$(PORT), deploy examples/
+## (UP_ARGS=--insecure-no-sandbox where Nimbus cannot run as root)
 up: $(STAMP)
-	$(BIN)/nimbus up --host $(HOST) --port $(PORT) $(foreach d,$(wildcard examples/*/nimbus.yaml),--deploy $(dir $(d)))
+	$(BIN)/nimbus up --host $(HOST) --port $(PORT) $(UP_ARGS) $(foreach d,$(wildcard examples/*/nimbus.yaml),--deploy $(dir $(d)))
 
 ## make test: the whole suite (unit, in-process, end to end)
 test: $(STAMP)
