@@ -40,6 +40,11 @@ class Settings:
     #: Payload limits, bytes.
     max_sync_payload: int = 6 * 1024 * 1024
     max_async_payload: int = 1024 * 1024
+    #: Asynchronous invocations running at once on this node (0: half of max_instances),
+    #: so that a burst of events cannot take every instance from synchronous callers.
+    max_async_concurrency: int = 0
+    #: Seconds finished asynchronous invocations are kept (and idempotency keys honoured).
+    async_retention: float = 86400.0
     max_zip_bytes: int = 50 * 1024 * 1024
     max_unpacked_bytes: int = 250 * 1024 * 1024
     #: Captured output kept per invocation (then truncated with a marker), and per function.
@@ -76,6 +81,15 @@ class Settings:
                 raise InvalidParameterValue(f"{name} must be at least 1")
             if getattr(self, name) < 0:
                 raise InvalidParameterValue(f"{name} must not be negative")
+        if self.max_async_concurrency < 0:
+            raise InvalidParameterValue("max_async_concurrency must not be negative")
+        if self.async_retention < 0:
+            raise InvalidParameterValue("async_retention must not be negative")
+
+    @property
+    def async_concurrency(self) -> int:
+        """``max_async_concurrency``, with 0 resolved to half of ``max_instances``."""
+        return self.max_async_concurrency or max(1, self.max_instances // 2)
 
 
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:

@@ -45,6 +45,15 @@ class Functions:
         self._on_delete = on_delete
         self._records: dict[str, FunctionRecord] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._listeners: list[Callable[[str], None]] = []
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(name)`` (synchronously) after ``name`` is published or deleted."""
+        self._listeners.append(listener)
+
+    def _changed(self, name: str) -> None:
+        for listener in self._listeners:
+            listener(name)
 
     async def load(self) -> None:
         self._records = {r.name: r for r in await self._store.load()}
@@ -135,6 +144,7 @@ class Functions:
             self.get(name)
             await self._store.delete(name)
             self._records.pop(name, None)
+            self._changed(name)
             self._scheduler.retire(name)
             await self._logs.delete_function(name)
             if self._on_delete is not None:
@@ -165,6 +175,7 @@ class Functions:
             layer = await self._layers.ensure(requirements, spec.runtime)
         record = await self._store.publish(spec, code, layer, create=create)
         self._records[spec.name] = record
+        self._changed(spec.name)
         self._scheduler.retire(spec.name, keep=record.current.number)
         self._scheduler.ensure(record.current)
         return record

@@ -65,7 +65,7 @@ class AsyncSpec(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=2)
     #: Seconds an event may wait (throttled, retrying) before it is given up.
     max_event_age: float = Field(default=21600, ge=60, le=21600)
-    #: Backoff between attempts: base × factor^(attempt-1), capped, ±10 % jitter.
+    #: Backoff between attempts: base * factor^(attempt-1), capped, ±10 % jitter.
     backoff_base: float = Field(default=1.0, ge=0.01, le=300)
     backoff_factor: float = Field(default=2.0, ge=1, le=10)
     backoff_max: float = Field(default=300, ge=0.01, le=3600)
@@ -260,6 +260,22 @@ class FunctionRecord:
     name: str
     created_at: float
     current: Version
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerState:
+    """What is remembered of one schedule trigger across restarts (the ``trigger_state`` table)."""
+
+    function: str
+    #: The trigger's name (unique within its function).
+    name: str
+    #: When the trigger (with this schedule) first appeared: rate() periods count from here.
+    created_at: float
+    #: The last scheduled time dealt with (fired, skipped or missed); None: never.
+    last_fire: float | None
+    #: The schedule and time zone this state was computed for; when they change, the
+    #: trigger starts afresh (new ``created_at``, no ``last_fire``).
+    fingerprint: str = ""
 
 
 ErrorKind = Literal["Unhandled", "Timeout", "Crash", "Init", "OutOfMemory"]

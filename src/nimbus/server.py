@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from nimbus.api import build_api
+from nimbus.api.triggers import triggers_router
 from nimbus.asyncinvoke import AsyncInvoker
 from nimbus.config import Settings
 from nimbus.errors import NimbusError
@@ -28,6 +29,7 @@ from nimbus.executor.core import Executor, Launcher
 from nimbus.functions import Functions, read_spec_file
 from nimbus.gateway import Gateway
 from nimbus.gateway.app import PREFIX
+from nimbus.gateway.asyncapp import ASYNC_PREFIX, AsyncGateway, is_event_invoke
 from nimbus.invoke import Invoker
 from nimbus.observability.logs import LogStore
 from nimbus.observability.metrics import Metrics
@@ -36,6 +38,7 @@ from nimbus.queue import SqliteQueue
 from nimbus.runtimes.registry import available_runtimes
 from nimbus.scheduling import Scheduler
 from nimbus.store import SqliteStore
+from nimbus.triggers.runner import ScheduleRunner
 
 log = logging.getLogger("nimbus")
 
@@ -82,7 +85,7 @@ class Nimbus:
             self.scheduler,
             self.logs,
             frozenset(runtimes),
-            on_delete=self.executor.forget,
+            on_delete=self._on_delete,
         )
         self.metrics = Metrics(self._instance_counts)
         self.invoker = Invoker(
@@ -93,7 +96,19 @@ class Nimbus:
             max_payload=settings.max_sync_payload,
         )
         self.gateway = Gateway(self.invoker)
-        self.async_invoker = AsyncInvoker(SqliteQueue(data / "queue.db"))
+        self.async_invoker = AsyncInvoker(
+            SqliteQueue(data / "queue.db"),
+            self.functions,
+            self.invoker,
+            self.logs,
+            max_payload=settings.max_async_payload,
+            max_concurrency=settings.async_concurrency,
+            retention=settings.async_retention,
+            queue_timeout=settings.queue_timeout,
+            grace=settings.shutdown_grace,
+        )
+        self.async_gateway = AsyncGateway(self.async_invoker)
+        self.schedules = ScheduleRunner(self.functions, self.async_invoker, self.store)
         self.api = build_api(
             self.functions,
             self.invoker,
@@ -104,14 +119,25 @@ class Nimbus:
             max_zip_bytes=settings.max_zip_bytes,
             lifespan=self._lifespan,
             zygote_up=self.executor.zygote_up,
+            async_invoker=self.async_invoker,
         )
+        self.api.include_router(triggers_router(self.functions, self.schedules))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI entry point: the gateway's prefix goes straight to it, the rest to the API."""
         if scope["type"] == "http" and scope["path"].startswith(PREFIX):
             await self.gateway(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"].startswith(ASYNC_PREFIX):
+            await self.async_gateway(scope, receive, send)
+        elif scope["type"] == "http" and is_event_invoke(scope):
+            await self.async_gateway.invoke_event(scope, receive, send)
         else:
             await self.api(scope, receive, send)
+
+    async def _on_delete(self, name: str) -> None:
+        """A function was deleted: its launcher state, and its queued invocations, go."""
+        await self.executor.forget(name)
+        await self.async_invoker.delete_function(name)
 
     def _instance_counts(self) -> Iterable[tuple[str, str, int]]:
         for record in self.functions.all():
@@ -128,8 +154,10 @@ class Nimbus:
         await self.functions.load()
         self.scheduler.start()
         await self.async_invoker.start()
+        await self.schedules.start()
 
     async def stop(self) -> None:
+        await self.schedules.close()
         await self.async_invoker.close()
         await self.scheduler.close()
         await self.executor.close()

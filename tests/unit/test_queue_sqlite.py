@@ -180,3 +180,35 @@ def test_every_acknowledged_submit_survives_kill_9(tmp_path: Path) -> None:
     finally:
         db.close()
     assert set(acknowledged) <= stored
+
+
+def test_leasing_one_function_does_not_read_its_finished_history(tmp_path: Path) -> None:
+    """Per-function leasing (``functions=[...]``) must cost the same whether the function
+    has 10 or 3,000 finished invocations kept for their retention window."""
+
+    async def steps(finished: int) -> int:
+        q = await opened(tmp_path / f"q{finished}.db")
+        try:
+            await asyncio.gather(*(q.submit("f", b"{}", now=0.0) for _ in range(finished)))
+            for lease in await q.lease(now=1.0, lease_for=30, limit=finished, functions=["f"]):
+                await q.succeed(lease, b"{}", now=1.0)
+            for _ in range(5):
+                await q.submit("f", b"{}", now=2.0)
+            await q.lease(now=3.0, lease_for=30, limit=2, functions=["f"])  # two running
+            counted = 0
+
+            def count() -> int:
+                nonlocal counted
+                counted += 1
+                return 0
+
+            q._conn().set_progress_handler(count, 100)  # every 100 VM instructions
+            leased = await q.lease(now=4.0, lease_for=30, limit=2, functions=["f"])
+            q._conn().set_progress_handler(None, 0)
+            assert len(leased) == 2
+            return counted
+        finally:
+            await q.close()
+
+    small, large = asyncio.run(steps(10)), asyncio.run(steps(3000))
+    assert large < small * 3 + 20, (small, large)

@@ -25,6 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nimbus.api.invocations import invocation_type, invocations_router
+from nimbus.asyncinvoke import AsyncInvoker
 from nimbus.errors import (
     InvalidParameterValue,
     NimbusError,
@@ -35,6 +37,7 @@ from nimbus.errors import (
 )
 from nimbus.functions import Functions
 from nimbus.gateway.app import read_body
+from nimbus.gateway.asyncapp import accept_event, json_event
 from nimbus.invoke import Invoker
 from nimbus.models import FunctionRecord, Version
 from nimbus.observability.logs import LogStore, parse_since
@@ -71,6 +74,7 @@ def build_api(
     max_zip_bytes: int,
     lifespan: Lifespan | None = None,
     zygote_up: Callable[[], bool] = lambda: False,
+    async_invoker: AsyncInvoker | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="Nimbus",
@@ -211,19 +215,37 @@ def build_api(
     @app.post("/v1/functions/{name}/invoke", tags=["invoke"])
     async def invoke(name: str, request: Request) -> Response:
         functions.current(name)  # 404 before reading a body
-        body = await read_body(request.scope, request.receive, invoker.max_payload)
-        if body.strip():
-            try:
-                orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise InvalidParameterValue("the event must be JSON") from None
-        else:
-            body = b"{}"
+        kind = invocation_type(request.headers)
+        if kind == "Event" and async_invoker is not None:
+            return await invoke_event(name, request, async_invoker)
+        if kind == "DryRun":
+            return Response(status_code=204)
+        body = json_event(await read_body(request.scope, request.receive, invoker.max_payload))
         result = await invoker.invoke(name, body)
         headers = {"x-nimbus-request-id": result.request_id}
         if result.error is not None:
             headers["x-nimbus-function-error"] = result.error
         return Response(result.body, media_type="application/json", headers=headers)
+
+    async def invoke_event(name: str, request: Request, async_invoker: AsyncInvoker) -> Response:
+        """``X-Nimbus-Invocation-Type: Event``: 202 once the invocation is stored durably.
+
+        ``Nimbus.__call__`` sends these to the gateway's bare fast path first; this route
+        is what the OpenAPI document describes, and the same code.
+        """
+        invocation, created = await accept_event(
+            async_invoker,
+            name,
+            request.headers,
+            lambda limit: read_body(request.scope, request.receive, limit),
+        )
+        out = {"x-nimbus-invocation-id": invocation.id}
+        if not created:
+            out["x-nimbus-idempotent-replay"] = "true"
+        return JSONResponse({"invocation_id": invocation.id}, status_code=202, headers=out)
+
+    if async_invoker is not None:
+        app.include_router(invocations_router(async_invoker))
 
     # -- logs --------------------------------------------------------------------------------
     @app.get("/v1/functions/{name}/logs", tags=["logs"])

@@ -51,6 +51,15 @@ class InvokeResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class AsyncInvokeResponse:
+    """An accepted asynchronous invocation. ``replay`` is true when an
+    ``Idempotency-Key`` matched an earlier one, whose id this is."""
+
+    invocation_id: str
+    replay: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Upload:
     """A ``multipart/form-data`` body with a ``spec`` part and a ``code`` zip part.
 
@@ -173,6 +182,49 @@ class Client:
             request_id=response.headers.get("x-nimbus-request-id"),
         )
 
+    def invoke_async(
+        self, name: str, event: bytes, *, idempotency_key: str | None = None
+    ) -> AsyncInvokeResponse:
+        """Queue an invocation (``X-Nimbus-Invocation-Type: Event``); 202 once it is stored."""
+        headers = {"content-type": "application/json", "x-nimbus-invocation-type": "Event"}
+        if idempotency_key is not None:
+            headers["idempotency-key"] = idempotency_key
+        response = self._send(
+            "POST", _function_path(name) + "/invoke", content=event, headers=headers
+        )
+        invocation_id = response.headers.get("x-nimbus-invocation-id")
+        if not invocation_id:
+            raise CliError(
+                f"Nimbus at {self.url} answered {response.status_code} without an invocation id"
+            )
+        return AsyncInvokeResponse(
+            invocation_id, response.headers.get("x-nimbus-idempotent-replay") == "true"
+        )
+
+    # -- asynchronous invocations -----------------------------------------------
+
+    def get_invocation(self, invocation_id: str) -> dict[str, Any]:
+        return self._json(self._send("GET", _invocation_path(invocation_id)))
+
+    def list_invocations(
+        self, *, function: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        params: dict[str, str] = {}
+        if function is not None:
+            params["function"] = function
+        if status is not None:
+            params["status"] = status
+        if limit is not None:
+            params["limit"] = str(limit)
+        body = self._json(self._send("GET", "/v1/invocations", params=params))
+        found = body.get("invocations")
+        if not isinstance(found, list):
+            raise CliError(f"Nimbus at {self.url} answered an unexpected list: {body!r:.200}")
+        return [i for i in found if isinstance(i, dict)]
+
+    def cancel_invocation(self, invocation_id: str) -> dict[str, Any]:
+        return self._json(self._send("DELETE", _invocation_path(invocation_id)))
+
     def logs(
         self, name: str, *, since: str | None = None, limit: int | None = None
     ) -> dict[str, Any]:
@@ -247,6 +299,10 @@ class Client:
 
 def _function_path(name: str) -> str:
     return "/v1/functions/" + quote(name, safe="")
+
+
+def _invocation_path(invocation_id: str) -> str:
+    return "/v1/invocations/" + quote(invocation_id, safe="")
 
 
 def _log_params(*, since: str | None, limit: int | None) -> dict[str, str]:

@@ -247,9 +247,36 @@ def invoke(
     raw: Annotated[
         bool, typer.Option("--raw", help="Print the result exactly as returned.")
     ] = False,
+    run_async: Annotated[
+        bool,
+        typer.Option(
+            "--async",
+            help="Queue the invocation and print its id at once (then: nimbus invocations get ID).",
+        ),
+    ] = False,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="With --async: a second call with the same key returns the first id "
+            "and runs nothing new.",
+        ),
+    ] = None,
 ) -> None:
-    """Invoke a function directly with an event and print its result."""
+    """Invoke a function with an event and print its result (or, --async, its invocation id)."""
+    if idempotency_key is not None and not run_async:
+        raise CliError("--idempotency-key only applies to --async invocations")
     event = read_event(data)
+    if run_async:
+        with open_client(ctx) as client:
+            accepted = client.invoke_async(name, event, idempotency_key=idempotency_key)
+        if accepted.replay:
+            typer.echo(
+                f"(idempotency key {idempotency_key!r} was used before: this is that invocation)",
+                err=True,
+            )
+        typer.echo(accepted.invocation_id)
+        return
     with open_client(ctx) as client:
         result = client.invoke(name, event)
     if result.function_error:

@@ -82,6 +82,23 @@ def up(
             show_default="2",
         ),
     ] = None,
+    max_async_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_MAX_ASYNC_CONCURRENCY",
+            help="Asynchronous invocations running at once on this node (0: half of "
+            "--max-instances).",
+            show_default="0",
+        ),
+    ] = None,
+    async_retention: Annotated[
+        float | None,
+        typer.Option(
+            envvar="NIMBUS_ASYNC_RETENTION",
+            help="Seconds finished asynchronous invocations (and idempotency keys) are kept.",
+            show_default="86400",
+        ),
+    ] = None,
     insecure_no_sandbox: Annotated[
         bool,
         typer.Option(
@@ -118,6 +135,8 @@ def up(
         log_level=log_level,
         insecure_no_sandbox=insecure_no_sandbox or None,
         sandbox_pool=sandbox_pool,
+        max_async_concurrency=max_async_concurrency,
+        async_retention=async_retention,
     )
     from nimbus.server import serve
 

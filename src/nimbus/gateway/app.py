@@ -40,16 +40,16 @@ class Gateway:
         except NimbusError as e:
             headers = [JSON, rid_header]
             headers.extend((k.encode(), v.encode()) for k, v in headers_of(e).items())
-            await _send(send, status_of(e), headers, orjson.dumps(e.to_wire()))
+            await send_response(send, status_of(e), headers, orjson.dumps(e.to_wire()))
             return
         if result.error is None:
             response = build_response(result.body)
             headers = response.headers
             headers.append(rid_header)
-            await _send(send, response.status, headers, response.body)
+            await send_response(send, response.status, headers, response.body)
         else:
             status = 504 if result.error == "Timeout" else 502
-            await _send(
+            await send_response(
                 send,
                 status,
                 [JSON, rid_header, (b"x-nimbus-function-error", result.error.encode())],
@@ -85,6 +85,9 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _send(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def send_response(
+    send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """One complete ASGI response."""
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

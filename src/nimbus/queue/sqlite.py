@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS invocations (
 -- The lease query walks this in order (the rowid, seq, is the tie-break).
 CREATE INDEX IF NOT EXISTS invocations_due ON invocations (status, not_before);
 CREATE INDEX IF NOT EXISTS invocations_function ON invocations (function, created_at);
+-- lease(functions=[...]) (per-function concurrency caps) walks this: without it the
+-- planner reads every row the function ever had (finished ones too) for its running ones.
+CREATE INDEX IF NOT EXISTS invocations_function_due ON invocations (function, status, not_before);
 CREATE INDEX IF NOT EXISTS invocations_idempotency ON invocations (function, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (

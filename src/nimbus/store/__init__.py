@@ -1,6 +1,7 @@
-"""Where functions and their versions are kept: a protocol and its backends."""
+"""Where functions and their versions are kept: a protocol, its backends and a fake."""
 
-from nimbus.store.base import FunctionStore
+from nimbus.store.base import FunctionStore, TriggerStateStore
+from nimbus.store.memory import MemoryStore
 from nimbus.store.sqlite import SqliteStore
 
-__all__ = ["FunctionStore", "SqliteStore"]
+__all__ = ["FunctionStore", "MemoryStore", "SqliteStore", "TriggerStateStore"]

@@ -9,10 +9,37 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from nimbus.models import FunctionRecord, FunctionSpec, Version
+from nimbus.models import FunctionRecord, FunctionSpec, TriggerState, Version
 
 
-class FunctionStore(Protocol):
+class TriggerStateStore(Protocol):
+    """Where schedule triggers remember their last fire times (see nimbus.triggers.runner)."""
+
+    async def trigger_states(self) -> dict[tuple[str, str], TriggerState]:
+        """Every trigger's state, keyed by ``(function, trigger name)``."""
+        ...
+
+    async def save_trigger_state(
+        self,
+        function: str,
+        name: str,
+        *,
+        created_at: float,
+        last_fire: float | None,
+        fingerprint: str = "",
+    ) -> None:
+        """Insert or replace one trigger's state, durably before returning.
+
+        Does nothing if ``function`` does not exist (it was deleted meanwhile).
+        """
+        ...
+
+    async def delete_trigger_state(self, function: str, name: str) -> None:
+        """Forget one trigger's state (the trigger was removed); no error if there is none."""
+        ...
+
+
+class FunctionStore(TriggerStateStore, Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -41,5 +68,6 @@ class FunctionStore(Protocol):
         ...
 
     async def delete(self, name: str) -> None:
-        """Remove a function and all its versions (``ResourceNotFound`` if missing)."""
+        """Remove a function, all its versions and its triggers' states
+        (``ResourceNotFound`` if missing)."""
         ...

@@ -18,7 +18,7 @@ from typing import TypeVar
 import orjson
 
 from nimbus.errors import ResourceConflict, ResourceNotFound
-from nimbus.models import FunctionRecord, FunctionSpec, Version
+from nimbus.models import FunctionRecord, FunctionSpec, TriggerState, Version
 
 T = TypeVar("T")
 
@@ -39,6 +39,15 @@ CREATE TABLE IF NOT EXISTS versions (
     layer_sha256 TEXT,
     created_at   REAL NOT NULL,
     PRIMARY KEY (name, number)
+);
+-- Schedule triggers' last fire times, so a restart neither double-fires nor drops a run.
+CREATE TABLE IF NOT EXISTS trigger_state (
+    function     TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
+    name         TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    last_fire    REAL,
+    fingerprint  TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (function, name)
 );
 """
 
@@ -154,6 +163,7 @@ class SqliteStore:
         def tx(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute("DELETE FROM trigger_state WHERE function = ?", (name,))
                 db.execute("DELETE FROM versions WHERE name = ?", (name,))
                 cur = db.execute("DELETE FROM functions WHERE name = ?", (name,))
                 if cur.rowcount == 0:
@@ -162,6 +172,50 @@ class SqliteStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+        await self._run(tx)
+
+    # -- trigger state -------------------------------------------------------------------
+    async def trigger_states(self) -> dict[tuple[str, str], TriggerState]:
+        def q(db: sqlite3.Connection) -> dict[tuple[str, str], TriggerState]:
+            rows = db.execute(
+                "SELECT function, name, created_at, last_fire, fingerprint FROM trigger_state"
+            ).fetchall()
+            return {
+                (r[0], r[1]): TriggerState(
+                    r[0], r[1], float(r[2]), None if r[3] is None else float(r[3]), r[4]
+                )
+                for r in rows
+            }
+
+        return await self._run(q)
+
+    async def save_trigger_state(
+        self,
+        function: str,
+        name: str,
+        *,
+        created_at: float,
+        last_fire: float | None,
+        fingerprint: str = "",
+    ) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            # One statement, so one implicit transaction; nothing for a deleted function.
+            db.execute(
+                "INSERT INTO trigger_state (function, name, created_at, last_fire, fingerprint)"
+                " SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM functions WHERE name = ?)"
+                " ON CONFLICT (function, name) DO UPDATE SET created_at = excluded.created_at,"
+                " last_fire = excluded.last_fire, fingerprint = excluded.fingerprint",
+                (function, name, created_at, last_fire, fingerprint, function),
+            )
+
+        await self._run(tx)
+
+    async def delete_trigger_state(self, function: str, name: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM trigger_state WHERE function = ? AND name = ?", (function, name)
+            )
 
         await self._run(tx)
 

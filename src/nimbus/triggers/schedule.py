@@ -2,9 +2,11 @@
 
 Everything here is pure (STYLE §3): the time is an argument, nothing reads a
 clock, sleeps or stores anything. The trigger loop calls :func:`decide` with
-the persisted last fire time and ``now``, persists ``Tick.last_fire`` *before*
-firing, asks :func:`overlap_action` what to do about runs still going, and
-sends :func:`scheduled_event` through the async path.
+the persisted last fire time and ``now``, asks :func:`overlap_action` what to
+do about runs still going, sends :func:`scheduled_event` through the async path
+with an idempotency key made of the trigger and the scheduled time, and only
+then persists ``Tick.last_fire``: a crash in between re-submits the same key,
+which the queue drops, so a restart neither loses nor doubles a fire.
 
 The choices this module makes, in one place:
 
@@ -150,7 +152,7 @@ class Tick:
     fires: tuple[Fire, ...]
     #: When to call :func:`decide` again (epoch seconds; always after ``now``).
     next_at: float
-    #: The last scheduled time dealt with, to persist *before* firing. Unchanged
+    #: The last scheduled time dealt with, to persist once its fire is submitted. Unchanged
     #: (possibly None: never fired) when nothing was due.
     last_fire: float | None
     #: Due times passed over without a run of their own in this tick: those
@@ -547,7 +549,7 @@ def decide(
     - Due times up to ``now``: the latest of them fires if it is current (at
       most ``grace`` late) or ``catch_up`` is ``once``, with ``missed`` = the
       earlier ones; otherwise nothing fires. Either way ``last_fire`` moves to
-      the latest due time, so persisting it before firing means no scheduled
+      the latest due time; persisted after the (idempotent) submit, no scheduled
       time ever fires twice, across restarts and a clock that steps back.
     """
     schedule, tz = _compiled(spec)
