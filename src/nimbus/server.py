@@ -257,6 +257,12 @@ def build_launcher(settings: Settings) -> Launcher:
         node_marker=marker,
         node_id=node_id,
         pool_size=settings.sandbox_pool,
+        root={
+            "rootfs": str(rootfs.path),
+            "prefix": str(rootfs.python_prefix),
+            "hidden": [str(p) for p in rootfs.hidden],
+            "nofile": sandbox.nofile,
+        },
     )
     return ZygoteLauncher(zygote, sandbox)
 

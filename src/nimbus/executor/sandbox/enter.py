@@ -5,10 +5,12 @@ is the whole point of this module:
 
 1. ``join_cgroups`` and ``unshare_namespaces`` in the first child (still in
    the host's pid namespace, so the pid it writes to ``cgroup.procs`` is right);
-2. ``enter_root`` and ``loopback_up`` in the second child, which is pid 1 of
-   the new pid namespace (``/proc`` must be mounted from inside it);
-3. ``drop_privileges`` in the instance itself, last, because every earlier
-   step needs root.
+2. ``loopback_up`` in the second child, pid 1 of the new pid namespace;
+3. ``prepare_root`` and ``harden`` in the waiting process under it (``/proc``
+   must be mounted from inside the pid namespace) — all before any request;
+4. on *go*: ``enter_root`` (the function's code, layer and ``/tmp``, then
+   ``pivot_root``) and ``drop_privileges``, last, because every earlier step
+   needs root.
 """
 
 from __future__ import annotations
@@ -56,37 +58,19 @@ def _bind_ro(source: str, target: str) -> None:
     linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
 
 
-def enter_root(
-    *,
-    rootfs: str,
-    prefix: str,
-    hidden: Sequence[str],
-    code: str,
-    layer: str | None,
-    tmp_mb: int,
-) -> None:
-    """Build the instance's root from the prepared ``rootfs`` and pivot into it.
+def prepare_root(*, rootfs: str, prefix: str, hidden: Sequence[str]) -> None:
+    """The function-independent half of the root, made in a shell before any request.
 
-    Read-only: the rootfs itself, the interpreter prefix (its site-packages
-    masked), the code (``/var/task``) and the dependency layer (``/opt/python``).
-    Writable: a size-limited tmpfs ``/tmp``. Plus a fresh ``/proc`` and a
-    ``/dev`` holding only null, zero, full, random and urandom.
+    In the shell's own mount namespace: the prepared rootfs bound (then made
+    read-only), the interpreter prefix bound read-only at its own path with its
+    ``site-packages`` masked, a ``/dev`` holding only null, zero, full, random
+    and urandom, and a fresh ``/proc`` (this process is in the new pid namespace).
     """
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
     _bind_ro(prefix, rootfs + prefix)
     for path in hidden:
         linux.mount("tmpfs", rootfs + path, "tmpfs", RO | linux.MS_NOEXEC, "size=4k,mode=555")
-    _bind_ro(code, rootfs + "/var/task")
-    if layer:
-        _bind_ro(layer, rootfs + "/opt/python")
-    linux.mount(
-        "tmpfs",
-        rootfs + "/tmp",
-        "tmpfs",
-        linux.MS_NOSUID | linux.MS_NODEV,
-        f"size={tmp_mb}m,mode=1777",
-    )
     dev = rootfs + "/dev"
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "size=64k,mode=755")
     old_umask = os.umask(0)
@@ -106,6 +90,22 @@ def enter_root(
         "proc", rootfs + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     )
     linux.mount(None, rootfs, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
+
+
+def enter_root(*, rootfs: str, code: str, layer: str | None, tmp_mb: int) -> None:
+    """The function's half, on *go*: its code at ``/var/task`` and its dependency
+    layer at ``/opt/python`` (both read-only), a private ``/tmp`` of its size,
+    then ``pivot_root`` into the result (prepared by :func:`prepare_root`)."""
+    _bind_ro(code, rootfs + "/var/task")
+    if layer:
+        _bind_ro(layer, rootfs + "/opt/python")
+    linux.mount(
+        "tmpfs",
+        rootfs + "/tmp",
+        "tmpfs",
+        linux.MS_NOSUID | linux.MS_NODEV,
+        f"size={tmp_mb}m,mode=1777",
+    )
     os.chdir(rootfs)
     linux.pivot_root(".", ".")
     linux.umount2(".", linux.MNT_DETACH)
@@ -121,26 +121,28 @@ def loopback_up() -> None:
         fcntl.ioctl(s, siocsifflags, struct.pack("16sh22x", b"lo", flags | iff_up))
 
 
-def drop_privileges(
-    *, uid: int, gid: int, nofile: int, fsize: int, seccomp_bpf: bytes | None
-) -> None:
-    """Become the function's own unprivileged user, with nothing to regain.
-
-    rlimits first (raising them later needs privilege), then the capability
-    bounding set, then the ids (which clears every capability), then
-    ``no_new_privs``, not-dumpable and the seccomp filter.
-    """
+def harden(*, nofile: int) -> None:
+    """What can be given up before the function is known (in a shell, off the
+    request's path): the capability bounding and ambient sets (the effective
+    set, which the mounts still need, stays until :func:`drop_privileges`),
+    ``no_new_privs``, core dumps and the file-descriptor limit."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     for cap in range(linux.last_cap() + 1):
         linux.prctl(linux.PR_CAPBSET_DROP, cap)
     linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def drop_privileges(*, uid: int, gid: int, fsize: int, seccomp_bpf: bytes | None) -> None:
+    """Become the function's own unprivileged user, with nothing to regain
+    (after :func:`harden`): the file-size limit, then the ids (which clears
+    every capability), not-dumpable, and last the seccomp filter."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     linux.prctl(linux.PR_SET_KEEPCAPS, 0)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     if seccomp_bpf:
         linux.load_seccomp_bpf(seccomp_bpf)

@@ -57,7 +57,9 @@ class Zygote:
         node_marker: str,
         node_id: str = "",
         pool_size: int = 0,
+        root: dict[str, Any] | None = None,
     ) -> None:
+        self._root = root
         self._python = python
         self._seccomp_path = seccomp_path
         self._node_marker = node_marker
@@ -86,6 +88,7 @@ class Zygote:
                 str(self._seccomp_path or ""),
                 self._node_id or "-",
                 str(self._pool_size),
+                json.dumps(self._root) if self._root is not None else "-",
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env={
@@ -317,8 +320,6 @@ class ZygoteLauncher:
             limits = Limits.for_memory_mb(plan.memory_mb)
             box = {
                 "rootfs": str(sb.rootfs.path),
-                "prefix": str(sb.rootfs.python_prefix),
-                "hidden": [str(p) for p in sb.rootfs.hidden],
                 "code": str(plan.code_dir),
                 "layer": str(plan.layer_dir) if plan.layer_dir is not None else None,
                 "tmp_mb": plan.tmp_mb,
@@ -327,7 +328,6 @@ class ZygoteLauncher:
                 "memory_bytes": limits.memory_bytes,
                 "cpu_weight": limits.cpu_weight,
                 "pids_max": limits.pids_max,
-                "nofile": sb.nofile,
                 "fsize": plan.tmp_mb * 1024 * 1024,
                 "netns": plan.network == "egress",
             }

@@ -1,6 +1,8 @@
 """The zygote process.
 
-``python -I -S main.py <nimbus root> <control fd> <seccomp file> <node id> <pool size>``
+``python -I -S main.py <nimbus root> <control fd> <seccomp file> <node id> <pool size> <root>``
+
+(``<root>``: the sandbox's prepared root as JSON — rootfs, prefix, hidden, nofile — or ``-``.)
 
 One per node. It has the interpreter, the runtime shim and the sandbox code
 loaded; the server asks it, over a ``SOCK_SEQPACKET`` socket, to start
@@ -163,8 +165,10 @@ class Zygote:
         seccomp_bpf: bytes | None,
         cgroups: Any,
         pool_size: int,
+        root: dict[str, Any] | None = None,
     ) -> None:
         self.ctrl = ctrl
+        self.root = root
         self.base_path = base_path
         self.seccomp_bpf = seccomp_bpf
         self.cgroups = cgroups
@@ -219,6 +223,7 @@ class Zygote:
                 self.cgroups,
                 self.base_path,
                 self.seccomp_bpf,
+                self.root,
             )
         os.close(report_w)
         theirs.close()
@@ -401,7 +406,7 @@ def probe() -> str | None:
 
 
 def main() -> None:
-    _root, ctrl_fd, seccomp_path, node_id, pool_size = sys.argv[1:6]
+    _root, ctrl_fd, seccomp_path, node_id, pool_size, root_json = sys.argv[1:7]
     ctrl = socket.socket(fileno=int(ctrl_fd))
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
@@ -434,7 +439,8 @@ def main() -> None:
                 cgroups = detect(node_id)
             except CgroupUnavailable as e:
                 sandbox_error = str(e)
-    zygote = Zygote(ctrl, _BASE_PATH, seccomp_bpf, cgroups, int(pool_size))
+    root = json.loads(root_json) if root_json != "-" else None
+    zygote = Zygote(ctrl, _BASE_PATH, seccomp_bpf, cgroups, int(pool_size), root)
     zygote.send({"ready": True, "pid": os.getpid(), "sandbox_error": sandbox_error})
     zygote.run()
 

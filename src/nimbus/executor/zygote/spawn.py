@@ -93,6 +93,7 @@ def shell(
     cgroups: CgroupDriver | None,
     base_path: list[str],
     seccomp_bpf: bytes | None,
+    root: dict[str, Any] | None,
 ) -> None:
     """The zygote's forked child that makes a shell (sandboxed when ``cgroups``). Never returns."""
     try:
@@ -132,6 +133,12 @@ def shell(
         os._exit(1)
     if waiter == 0:
         os.close(report_fd)
+        try:
+            assert root is not None
+            enter.prepare_root(rootfs=root["rootfs"], prefix=root["prefix"], hidden=root["hidden"])
+            enter.harden(nofile=root["nofile"])
+        except BaseException:
+            os._exit(1)  # init reports it; the zygote then drops this shell
         _wait_for_go(name, go_sock, cgroups, base_path, seccomp_bpf)  # never returns
     go_sock.close()
     # init keeps nothing of the instance's, so its socket closes when the instance dies.
@@ -189,20 +196,11 @@ def _enter_sandbox(
         linux.setns(netns_fd, linux.CLONE_NEWNET)  # the function's shared egress namespace
         os.close(netns_fd)
     enter.enter_root(
-        rootfs=box["rootfs"],
-        prefix=box["prefix"],
-        hidden=box["hidden"],
-        code=box["code"],
-        layer=box.get("layer"),
-        tmp_mb=box["tmp_mb"],
+        rootfs=box["rootfs"], code=box["code"], layer=box.get("layer"), tmp_mb=box["tmp_mb"]
     )
     linux.sethostname(box["hostname"])
     enter.drop_privileges(
-        uid=box["uid"],
-        gid=box["uid"],
-        nofile=box["nofile"],
-        fsize=box["fsize"],
-        seccomp_bpf=seccomp_bpf,
+        uid=box["uid"], gid=box["uid"], fsize=box["fsize"], seccomp_bpf=seccomp_bpf
     )
 
 
