@@ -62,6 +62,8 @@ WARMUP_SECONDS = 2
 SOLO_SECONDS = 3  # the one-connection latency runs
 ROUNDS = 3  # interleaved warm-throughput rounds per server
 COLD_N = 50
+SPACED_N = 30
+SPACED_PAUSE = 0.3
 COLD_PAUSE = 0.05
 
 
@@ -610,6 +612,12 @@ def run_all(tmp: Path) -> dict[str, Any]:
         out["seq_warm"] = seqclient(url, COLD_N, COLD_PAUSE)
         for name in ("hello-cold", "heavy"):
             out[f"cold_{name}"] = seqclient(f"{nimbus.url}/function/{name}", COLD_N, COLD_PAUSE)
+        # Spaced out, so the previous instance's teardown (its namespaces, its cgroup) is
+        # over before the next cold start: the sandbox's own set-up cost, alone.
+        out["spaced_hello-cold"] = seqclient(
+            f"{nimbus.url}/function/hello-cold", SPACED_N, SPACED_PAUSE
+        )
+        for name in ("hello-cold", "heavy"):
             out[f"instances_left_{name}"] = wait_instances(nimbus, name, 0)
             reports = nimbus.reports(name)
             out[f"reports_{name}"] = len(reports)
@@ -636,6 +644,10 @@ def run_all(tmp: Path) -> dict[str, Any]:
                 out[f"plain_cold_{name}"] = seqclient(
                     f"{plain.url}/function/{name}", COLD_N, COLD_PAUSE
                 )
+            out["plain_spaced_hello-cold"] = seqclient(
+                f"{plain.url}/function/hello-cold", SPACED_N, SPACED_PAUSE
+            )
+            for name in ("hello-cold", "heavy"):
                 out[f"plain_inits_{name}"] = init_durations(plain.reports(name))
         finally:
             out["plain_leftover"] = plain.stop()
@@ -796,7 +808,14 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         "What the sandbox adds to a cold start (sandboxed p50 minus `--insecure-no-sandbox` "
         "p50, same requests, a second `nimbus up` started after the first stopped): "
         f"hello {nb['cold_hello-cold'].p(50) - nb['plain_cold_hello-cold'].p(50):+.2f} ms, "
-        f"heavy {nb['cold_heavy'].p(50) - nb['plain_cold_heavy'].p(50):+.2f} ms.",
+        f"heavy {nb['cold_heavy'].p(50) - nb['plain_cold_heavy'].p(50):+.2f} ms. "
+        "At that spacing each cold start overlaps the teardown of the previous instance "
+        "(its namespaces and cgroup, which the kernel frees in the background). "
+        f"Spaced {int(SPACED_PAUSE * 1000)} ms apart ({SPACED_N} requests to hello-cold), so "
+        "that teardown is over: sandboxed p50 "
+        f"{f2(nb['spaced_hello-cold'].p(50))} ms, unsandboxed "
+        f"{f2(nb['plain_spaced_hello-cold'].p(50))} ms: the sandbox adds "
+        f"{nb['spaced_hello-cold'].p(50) - nb['plain_spaced_hello-cold'].p(50):+.2f} ms.",
         "",
         f"## One connection: gateway vs API invoke path (`wrk -t1 -c1 -d{SOLO_SECONDS}s`)",
         "",
