@@ -2,9 +2,10 @@
 receivers on 127.0.0.1: 202 only once stored, retries with backoff, dead-letter,
 destinations, callbacks, cancel, idempotency, per-function caps, the CLI.
 
-``max_event_age`` is at least 60 s, too long for this suite: the age decisions
-(dead-lettering when leased, giving up a retry that would come too late) are
-covered with a synthetic clock in tests/unit/test_asyncinvoke.py.
+``max_event_age`` is at least 60 s: its end-to-end test is test_async_age.py (a
+minute long); the age decisions themselves (dead-lettering when leased, giving
+up a retry that would come too late) are unit-tested with a synthetic clock in
+tests/unit/test_asyncinvoke.py.
 """
 
 from __future__ import annotations
