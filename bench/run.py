@@ -228,6 +228,28 @@ def still_running(procs: dict[int, str]) -> list[int]:
     return alive
 
 
+def instance_memory(root: int) -> dict[str, float]:
+    """Private memory (KiB, from smaps_rollup) of the warm instances (processes running
+    as a function's uid, >= 200000) and of their inits (uid 0, pid 1 of each sandbox)."""
+    private: list[float] = []
+    for pid in descendants(root):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status = Path(f"/proc/{pid}/status").read_text()
+            uid = int(next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1])
+            if uid < 200_000:
+                continue
+            kib = 0
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    kib += int(line.split()[1])
+            private.append(kib)
+    return {
+        "instances": len(private),
+        "p50_kib": pct(private, 50) if private else float("nan"),
+        "max_kib": max(private) if private else float("nan"),
+    }
+
+
 def rmtree(path: Path) -> None:
     """Remove a tree that holds read-only directories (Nimbus unpacks code read-only)."""
 
@@ -593,6 +615,7 @@ def run_all(tmp: Path) -> dict[str, Any]:
                 log(f"round {r + 1}/{ROUNDS}, wrk {WRK_SECONDS} s: {t.label}")
                 t.runs.append(wrk(t.url, conns=WRK_CONNS, seconds=WRK_SECONDS, pids=t.pids))
         out["instances_after"] = nimbus.describe("hello")["instances"]
+        out["memory"] = instance_memory(nimbus.proc.p.pid)
         for proc, t in peers:
             t.processes = len(group_pids(proc.p.pid))
             proc.stop()
@@ -847,6 +870,10 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         f"{nb['leftover_instances']}.",
         f"- hello instances before/after the warm rounds: {nb['instances_before']} / "
         f"{nb['instances_after']}.",
+        f"- private memory of a warm hello instance after the warm rounds (smaps_rollup, "
+        f"{nb['memory']['instances']} instances): p50 {nb['memory']['p50_kib'] / 1024:.2f} MiB, "
+        f"max {nb['memory']['max_kib'] / 1024:.2f} MiB (each also has an init process, pid 1 "
+        "of its sandbox).",
         f"- instances left after the cold runs: hello-cold "
         f"{nb['instances_left_hello-cold']}, heavy {nb['instances_left_heavy']}.",
         f"- unexpected bodies (sequential runs): warm {nb['seq_warm'].unexpected}, "
