@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 from nimbus.executor.output import OutputReader
@@ -153,5 +154,42 @@ def test_output_outside_invocations_is_capped() -> None:
             reader.data_received(chunk)
         assert len(lines) <= ORPHAN_MAX // len(chunk) + 2
         assert "outside any invocation" in lines[-1][1]
+
+    asyncio.run(run())
+
+
+def test_a_cancelled_invocation_kills_its_instance() -> None:
+    async def run() -> None:
+        from nimbus.executor.instance import Instance, State
+        from nimbus.executor.protocol import Channel
+        from nimbus.models import FunctionSpec, Version
+
+        class Proc:
+            pid = 1
+            returncode = None
+            killed = False
+
+            def kill(self) -> None:
+                self.killed = True
+
+        class Transport:
+            def writelines(self, data: object) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        ch = Channel()
+        ch.connection_made(Transport())  # type: ignore[arg-type]
+        reader, _, _ = _reader()
+        proc = Proc()
+        version = Version(FunctionSpec(name="f"), 1, "0" * 64, None, 0.0)
+        inst = Instance("i", version, proc, ch, reader, lambda r, m: None, 1.0)  # type: ignore[arg-type]
+        task = asyncio.create_task(inst.invoke("r", bytes(16), b"{}"))
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert proc.killed and inst.state is State.DEAD
 
     asyncio.run(run())

@@ -120,6 +120,11 @@ class Instance:
         quiet = False
         try:
             frame: Frame = await reply
+        except asyncio.CancelledError:
+            # The caller went away mid-invocation (shutdown, a cancelled task): the
+            # instance is still running that invocation, so it cannot serve another.
+            self.kill()
+            raise
         except TimeoutError:
             self.kill()
             error, duration = "Timeout", timeout * 1000.0
