@@ -42,6 +42,10 @@ class Sandbox:
     pool_size: int = 2
 
 
+#: How long a spawn may wait for the zygote to report the instance's pid.
+SPAWN_TIMEOUT = 30.0
+
+
 class ZygoteGone(Exception):
     pass
 
@@ -73,6 +77,7 @@ class Zygote:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self.sandbox_error: str | None = None
         self.alive = False
+        self._send_lock = asyncio.Lock()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,23 +190,32 @@ class Zygote:
         self._spawns[ident] = spawned
         self._exits[ident] = exited
         data = json.dumps(msg).encode()
-        while True:
-            try:
-                socket.send_fds(self._sock, [data], fds)
-                break
-            except BlockingIOError:
-                writable = loop.create_future()
-                loop.add_writer(self._sock.fileno(), writable.set_result, None)
+        # One sender at a time: a full socket buffer parks the sender on add_writer, and
+        # asyncio keeps one writer callback per fd (a second would silently replace it).
+        async with self._send_lock:
+            while True:
                 try:
-                    await writable
-                finally:
-                    loop.remove_writer(self._sock.fileno())
-            except OSError as e:
-                self._spawns.pop(ident, None)
-                self._exits.pop(ident, None)
-                raise LaunchError(f"the zygote is not reachable: {e}") from None
+                    socket.send_fds(self._sock, [data], fds)
+                    break
+                except BlockingIOError:
+                    writable = loop.create_future()
+                    loop.add_writer(self._sock.fileno(), writable.set_result, None)
+                    try:
+                        await writable
+                    finally:
+                        loop.remove_writer(self._sock.fileno())
+                except OSError as e:
+                    self._spawns.pop(ident, None)
+                    self._exits.pop(ident, None)
+                    raise LaunchError(f"the zygote is not reachable: {e}") from None
         try:
-            pid, cgroup = await spawned
+            pid, cgroup = await asyncio.wait_for(spawned, SPAWN_TIMEOUT)
+        except TimeoutError:
+            self._spawns.pop(ident, None)
+            self._exits.pop(ident, None)
+            raise LaunchError(
+                f"the zygote did not start the instance within {SPAWN_TIMEOUT} s"
+            ) from None
         except BaseException:
             self._exits.pop(ident, None)
             raise

@@ -189,7 +189,7 @@ class Zygote:
     def spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
         """Hand a function to a shell. ``fds``: its socket, its output pipe, and for an
         egress function the network namespace to join."""
-        rec = self.pool.pop(0) if self.pool else self.new_shell()
+        rec = self.pool.pop(0) if self.pool else self.new_shell(idle=False)
         rec.id = msg["id"]
         assert rec.go is not None
         try:
@@ -206,7 +206,7 @@ class Zygote:
             rec.announced = True
             self.send({"spawned": rec.id, "pid": rec.pid, "cgroup": rec.cgroup})
 
-    def new_shell(self) -> _Proc:
+    def new_shell(self, *, idle: bool = True) -> _Proc:
         """Fork a shell; it reports its pid (init's, when sandboxed) when it is ready."""
         sandboxed = self.cgroups is not None
         rec = _Proc(sandboxed=sandboxed, cgroup=next(self.names) if sandboxed else "")
@@ -224,6 +224,7 @@ class Zygote:
                 self.base_path,
                 self.seccomp_bpf,
                 self.root,
+                idle,
             )
         os.close(report_w)
         theirs.close()

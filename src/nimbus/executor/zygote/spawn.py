@@ -19,9 +19,12 @@ Sandboxed shell::
     go ──► waiter: cgroup limits, setns (egress), mounts + pivot_root, hostname,
            drop to the function's uid + seccomp ──► bootstrap.serve()
 
-Shells are made at idle CPU priority (``SCHED_IDLE``) so that making one
-never slows a cold start in progress; a waiter returns to normal priority on
-*go*. Reports go up a pipe: ``b"P" + pid``, ``b"S" + wait status``,
+Shells made to refill the pool run at idle CPU priority (``SCHED_IDLE``) so
+that making one never slows a cold start in progress (a waiter returns to
+normal priority on *go*); a shell made because the pool was empty, for a
+request that waits on it, runs at normal priority.
+
+Reports go up a pipe: ``b"P" + pid``, ``b"S" + wait status``,
 ``b"E" + length + message``.
 """
 
@@ -94,11 +97,13 @@ def shell(
     base_path: list[str],
     seccomp_bpf: bytes | None,
     root: dict[str, Any] | None,
+    idle: bool = True,
 ) -> None:
     """The zygote's forked child that makes a shell (sandboxed when ``cgroups``). Never returns."""
     try:
         _reset_signals()
-        _idle_priority(True)
+        if idle:  # a refill of the pool; a shell made for a waiting request runs at once
+            _idle_priority(True)
         close_fds_except({report_fd, go_sock.fileno()})
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
