@@ -46,10 +46,6 @@ class Sandbox:
 SPAWN_TIMEOUT = 30.0
 
 
-class ZygoteGone(Exception):
-    pass
-
-
 class Zygote:
     """One zygote process and its control socket."""
 
