@@ -15,6 +15,7 @@ import typer
 if TYPE_CHECKING:
     import httpx
     from rich.console import Console, RenderableType
+    from rich.table import Table
 
     from nimbus.cli.client import Client
 
@@ -84,6 +85,18 @@ def print_table(table: RenderableType) -> None:
     with console.capture() as captured:
         console.print(table)
     typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
+def listing(*columns: str, right: tuple[int, ...] = ()) -> Table:
+    """The borderless table every list command prints (``right``: right-aligned columns)."""
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for index in right:
+        table.columns[index].justify = "right"
+    return table
 
 
 def human_size(n: int) -> str:

@@ -20,6 +20,7 @@ from nimbus.cli.common import (
     CliError,
     age,
     human_size,
+    listing,
     open_client,
     print_table,
     state,
@@ -351,12 +352,9 @@ def list_functions(
     if not functions:
         typer.echo("No functions deployed. Start with: nimbus init hello && nimbus deploy hello")
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("NAME", "VERSION", "RUNTIME", "MEMORY", "TIMEOUT", "INSTANCES", "UPDATED"):
-        table.add_column(column)
-    table.columns[1].justify = "right"
+    table = listing(
+        "NAME", "VERSION", "RUNTIME", "MEMORY", "TIMEOUT", "INSTANCES", "UPDATED", right=(1,)
+    )
     for fn in functions:
         spec = _dict(fn.get("spec"))
         instances = _dict(fn.get("instances"))

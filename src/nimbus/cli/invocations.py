@@ -11,7 +11,14 @@ from typing import Annotated, Any
 
 import typer
 
-from nimbus.cli.common import CliError, age, open_client, print_table, stdout_console
+from nimbus.cli.common import (
+    CliError,
+    age,
+    listing,
+    open_client,
+    print_table,
+    stdout_console,
+)
 
 app = typer.Typer(help="Asynchronous invocations: status, results, cancel.", no_args_is_help=True)
 
@@ -102,12 +109,9 @@ def list_invocations(
     if not found:
         typer.echo("No invocations. Queue one with: nimbus invoke NAME --async")
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("ID", "FUNCTION", "STATUS", "ATTEMPTS", "LAST OUTCOME", "CREATED", "SOURCE"):
-        table.add_column(column)
-    table.columns[3].justify = "right"
+    table = listing(
+        "ID", "FUNCTION", "STATUS", "ATTEMPTS", "LAST OUTCOME", "CREATED", "SOURCE", right=(3,)
+    )
     for inv in found:
         table.add_row(
             str(inv.get("id", "?")),

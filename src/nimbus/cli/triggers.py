@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import typer
 
-from nimbus.cli.common import CliError, age, parse_time, print_table, state
+from nimbus.cli.common import CliError, age, listing, parse_time, print_table, state
 from nimbus.errors import InvalidParameterValue
 
 if TYPE_CHECKING:
@@ -70,11 +70,7 @@ def list_triggers(
             f'nimbus triggers add {name} --schedule "rate(5 minutes)"'
         )
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("NAME", "TYPE", "SCHEDULE", "TIMEZONE", "OVERLAP", "CATCH-UP", "NEXT", "LAST"):
-        table.add_column(column)
+    table = listing("NAME", "TYPE", "SCHEDULE", "TIMEZONE", "OVERLAP", "CATCH-UP", "NEXT", "LAST")
     for t in triggers:
         table.add_row(
             str(t.get("name", "?")),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from nimbus.executor.instance import Instance, State, describe_exit, error_body
+from nimbus.executor.instance import Instance, State, describe_exit, error_body, expire
 from nimbus.executor.launcher import (
     InstanceProcess,
     Launcher,
@@ -33,7 +33,6 @@ from nimbus.executor.protocol import (
     READY,
     SPEC,
     Channel,
-    Frame,
     InstanceGone,
     encode_frame,
 )
@@ -148,7 +147,7 @@ class Executor:
             partial(Channel, self._max_result), sock=parent
         )
         ready = channel.next_frame()
-        timer = loop.call_later(spec.timeout, _expire, ready)
+        timer = loop.call_later(spec.timeout, expire, ready)
         try:
             frame = await ready
         except TimeoutError:
@@ -254,8 +253,3 @@ async def _wait(process: InstanceProcess) -> int | None:
     except TimeoutError:
         process.kill()
         return process.returncode
-
-
-def _expire(fut: asyncio.Future[Frame]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())

@@ -114,7 +114,7 @@ class Instance:
         timeout = spec.timeout
         started = time.perf_counter()
         reply = self._channel.send(INVOKE, rid_bytes, time.time() + timeout, event)
-        timer = loop.call_later(timeout, _expire, reply)
+        timer = loop.call_later(timeout, expire, reply)
         error: ErrorKind | None = None
         memory_kib = 0
         quiet = False
@@ -221,6 +221,7 @@ class Instance:
         await self.process.cleanup()
 
 
-def _expire(fut: asyncio.Future[Frame]) -> None:
+def expire(fut: asyncio.Future[Frame]) -> None:
+    """A timer's callback: fail a reply still awaited with TimeoutError."""
     if not fut.done():
         fut.set_exception(TimeoutError())
