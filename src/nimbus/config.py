@@ -56,6 +56,14 @@ class Settings:
     #: Shells kept ready ahead of cold starts (sandboxed: two processes, a cgroup and
     #: namespaces each; unsandboxed: one forked process).
     sandbox_pool: int = 2
+    #: Brokers that message triggers use when they name no ``url`` of their own
+    #: (empty: the broker's standard port on 127.0.0.1).
+    nats_url: str = ""
+    redis_url: str = ""
+    mqtt_url: str = ""
+    amqp_url: str = ""
+    #: Directories under which file triggers may watch (and mount), ':'-separated.
+    files_roots: str = "/srv:/mnt:/media:/home:/data:/tmp:/var/tmp"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -85,6 +93,11 @@ class Settings:
             raise InvalidParameterValue("max_async_concurrency must not be negative")
         if self.async_retention < 0:
             raise InvalidParameterValue("async_retention must not be negative")
+
+    @property
+    def watch_roots(self) -> tuple[Path, ...]:
+        """``files_roots`` as resolved paths."""
+        return tuple(Path(p).resolve() for p in self.files_roots.split(":") if p)
 
     @property
     def async_concurrency(self) -> int:

@@ -35,6 +35,7 @@ class Functions:
         logs: LogStore,
         runtimes: frozenset[str],
         on_delete: Callable[[str], Awaitable[None]] | None = None,
+        check: Callable[[FunctionSpec], None] | None = None,
     ) -> None:
         self._store = store
         self._code = code
@@ -43,6 +44,8 @@ class Functions:
         self._logs = logs
         self._runtimes = runtimes
         self._on_delete = on_delete
+        #: What this node allows beyond the spec's own rules (raises InvalidParameterValue).
+        self._check = check
         self._records: dict[str, FunctionRecord] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._listeners: list[Callable[[str], None]] = []
@@ -160,6 +163,8 @@ class Functions:
         create: bool,
         skip_unchanged: bool = False,
     ) -> FunctionRecord:
+        if self._check is not None:
+            self._check(spec)
         if zip_path is not None:
             code = await asyncio.to_thread(self._code.put, zip_path)
         else:

@@ -104,7 +104,7 @@ class FunctionSpec(BaseModel):
     ephemeral_storage: int = Field(default=512, ge=512, le=10240)
     #: Asynchronous invocation settings (``async:`` in YAML).
     async_: AsyncSpec = Field(default_factory=AsyncSpec, alias="async")
-    #: Event sources: ``{type: schedule, ...}`` (see nimbus.triggers), more to come.
+    #: Event sources: ``{type: schedule|nats|redis|mqtt|amqp|files, ...}`` (nimbus.triggers).
     triggers: tuple[dict[str, Any], ...] = ()
     description: str = Field(default="", max_length=256)
 
@@ -158,25 +158,32 @@ class FunctionSpec(BaseModel):
     @classmethod
     def _triggers(cls, v: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
         from nimbus.triggers.schedule import parse_schedule
+        from nimbus.triggers.specs import EVENT_TYPES, normalized, parse_event_trigger
 
         names: set[str] = set()
         out = []
         for index, raw in enumerate(v):
             kind = raw.get("type") if isinstance(raw, dict) else None
-            if kind != "schedule":
+            if kind not in ("schedule", *EVENT_TYPES):
                 raise ValueError(
-                    f"triggers[{index}].type: unknown trigger type {kind!r} (supported: schedule)"
+                    f"triggers[{index}].type: unknown trigger type {kind!r} "
+                    f"(supported: schedule, {', '.join(EVENT_TYPES)})"
                 )
-            fields = {k: x for k, x in raw.items() if k != "type"}
             try:
-                spec = parse_schedule(fields, index=index)
+                if kind == "schedule":
+                    fields = {k: x for k, x in raw.items() if k != "type"}
+                    spec = parse_schedule(fields, index=index)
+                    name = spec.name or f"schedule-{index}"
+                    trigger = {"type": "schedule", **spec.as_dict(), "name": name}
+                else:
+                    trigger = normalized(parse_event_trigger(raw, index=index), f"{kind}-{index}")
+                    name = trigger["name"]
             except InvalidParameterValue as e:
                 raise ValueError(e.message) from None
-            name = spec.name or f"schedule-{index}"
             if name in names:
                 raise ValueError(f"triggers[{index}].name: {name!r} is used twice")
             names.add(name)
-            out.append({"type": "schedule", **spec.as_dict(), "name": name})
+            out.append(trigger)
         return tuple(out)
 
     @property

@@ -38,7 +38,9 @@ from nimbus.queue import SqliteQueue
 from nimbus.runtimes.registry import available_runtimes
 from nimbus.scheduling import Scheduler
 from nimbus.store import SqliteStore
+from nimbus.triggers.events import EventTriggers
 from nimbus.triggers.runner import ScheduleRunner
+from nimbus.triggers.specs import check_watch_paths
 
 log = logging.getLogger("nimbus")
 
@@ -86,6 +88,9 @@ class Nimbus:
             self.logs,
             frozenset(runtimes),
             on_delete=self._on_delete,
+            check=lambda spec: check_watch_paths(
+                spec.triggers, settings.watch_roots, settings.data_dir
+            ),
         )
         self.metrics = Metrics(self._instance_counts)
         self.invoker = Invoker(
@@ -109,6 +114,18 @@ class Nimbus:
         )
         self.async_gateway = AsyncGateway(self.async_invoker)
         self.schedules = ScheduleRunner(self.functions, self.async_invoker, self.store)
+        self.events = EventTriggers(
+            self.functions,
+            self.invoker,
+            self.async_invoker.dead_letter_event,
+            urls={
+                "nats": settings.nats_url,
+                "redis": settings.redis_url,
+                "mqtt": settings.mqtt_url,
+                "amqp": settings.amqp_url,
+            },
+            grace=settings.shutdown_grace,
+        )
         self.api = build_api(
             self.functions,
             self.invoker,
@@ -121,7 +138,7 @@ class Nimbus:
             zygote_up=self.executor.zygote_up,
             async_invoker=self.async_invoker,
         )
-        self.api.include_router(triggers_router(self.functions, self.schedules))
+        self.api.include_router(triggers_router(self.functions, self.schedules, self.events))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI entry point: the gateway's prefix goes straight to it, the rest to the API."""
@@ -155,8 +172,10 @@ class Nimbus:
         self.scheduler.start()
         await self.async_invoker.start()
         await self.schedules.start()
+        await self.events.start()
 
     async def stop(self) -> None:
+        await self.events.close()
         await self.schedules.close()
         await self.async_invoker.close()
         await self.scheduler.close()
@@ -294,6 +313,7 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # a line per change otherwise
     try:
         node = Nimbus(settings)
     except SandboxUnavailable as e:

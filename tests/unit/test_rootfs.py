@@ -95,6 +95,7 @@ def test_describes_the_interpreter(built: tuple[Rootfs, float]) -> None:
         "task": "/var/task",
         "layer": "/opt/python",
         "runtime": "/var/runtime",
+        "mnt": "/mnt",
     }
 
 
@@ -149,6 +150,7 @@ def test_nothing_else_of_the_host_usr(built: tuple[Rootfs, float]) -> None:
         "tmp",
         "proc",
         "dev",
+        "mnt",
         "var",
         "opt",
         Path(BASE_PREFIX).parts[1],

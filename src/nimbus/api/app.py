@@ -39,11 +39,12 @@ from nimbus.functions import Functions
 from nimbus.gateway.app import read_body
 from nimbus.gateway.asyncapp import accept_event, json_event
 from nimbus.invoke import Invoker
-from nimbus.models import FunctionRecord, Version
+from nimbus.models import FunctionRecord, FunctionSpec, Version
 from nimbus.observability.logs import LogStore, parse_since
 from nimbus.observability.metrics import Metrics
 from nimbus.packaging.zips import too_large
 from nimbus.scheduling import Scheduler
+from nimbus.triggers.specs import view as trigger_view
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -114,6 +115,12 @@ def build_api(
         return _error(ServiceException(f"internal error: {type(e).__name__}"))
 
     # -- helpers ---------------------------------------------------------------------------
+    def public_spec(spec: FunctionSpec) -> dict[str, Any]:
+        """The spec as shown: broker URLs without their passwords."""
+        data = spec.model_dump(mode="json")
+        data["triggers"] = [trigger_view(t) for t in data["triggers"]]
+        return data
+
     def function_out(
         record: FunctionRecord, versions: list[Version] | None = None
     ) -> dict[str, Any]:
@@ -122,7 +129,7 @@ def build_api(
         out: dict[str, Any] = {
             "name": record.name,
             "version": v.number,
-            "spec": v.spec.model_dump(mode="json"),
+            "spec": public_spec(v.spec),
             "code_sha256": v.code_sha256,
             "layer_sha256": v.layer_sha256,
             "created_at": _iso(record.created_at),

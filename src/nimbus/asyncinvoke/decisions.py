@@ -195,6 +195,41 @@ def destination_record(
     return record
 
 
+def trigger_failure_record(
+    function: str,
+    request_id: str,
+    condition: str,
+    now: float,
+    *,
+    payload: bytes,
+    invoke_count: int,
+    version: int | None,
+    response: bytes | None,
+) -> dict[str, Any]:
+    """Lambda's failure record for messages of an event trigger that were given up
+    (``RetriesExhausted``, ``RecursiveInvocationDetected``, ...), as an event source
+    mapping's on-failure destination gets it."""
+    record: dict[str, Any] = {
+        "version": "1.0",
+        "timestamp": iso_time(now),
+        "requestContext": {
+            "requestId": request_id,
+            "functionArn": function_arn(function),
+            "condition": condition,
+            "approximateInvokeCount": invoke_count,
+        },
+        "requestPayload": json_value(payload),
+    }
+    if response is not None:
+        record["responseContext"] = {
+            "statusCode": 200,
+            "executedVersion": str(version) if version is not None else "$LATEST",
+            "functionError": "Unhandled",
+        }
+        record["responsePayload"] = json_value(response)
+    return record
+
+
 #: Longest ``Idempotency-Key`` accepted.
 MAX_IDEMPOTENCY_KEY = 256
 

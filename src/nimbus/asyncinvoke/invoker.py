@@ -36,6 +36,7 @@ from nimbus.asyncinvoke.decisions import (
     function_cap,
     invoke_count,
     lease_length,
+    trigger_failure_record,
 )
 from nimbus.asyncinvoke.delivery import Deliveries, Poster
 from nimbus.errors import NimbusError, RequestTooLarge, ResourceNotFound, TooManyRequests
@@ -604,6 +605,60 @@ class AsyncInvoker:
                 target,
                 e.message,
             )
+
+    async def dead_letter_event(
+        self,
+        function: str,
+        event: bytes,
+        condition: str,
+        attempts: int,
+        result: InvokeResult | None,
+    ) -> bool:
+        """Send a trigger's given-up event to ``function``'s ``async.on_failure`` and
+        ``dead_letter`` destinations; whether it had any."""
+        try:
+            version = self._functions.current(function)
+        except ResourceNotFound:
+            return False
+        config = version.spec.async_
+        targets = [
+            (kind, target)
+            for kind, target in (
+                ("on_failure", config.on_failure),
+                ("dead_letter", config.dead_letter),
+            )
+            if target is not None
+        ]
+        if not targets:
+            return False
+        request_id = result.request_id if result is not None else str(uuid.uuid4())
+        record = trigger_failure_record(
+            function,
+            request_id,
+            condition,
+            self._clock(),
+            payload=event,
+            invoke_count=attempts,
+            version=version.number,
+            response=result.body if result is not None else None,
+        )
+        body = orjson.dumps(record)
+        for kind, target in targets:
+            if target.startswith("function:"):
+                try:
+                    await self.submit(
+                        target.removeprefix("function:"),
+                        body,
+                        idempotency_key=f"{request_id}:{kind}",
+                        source=f"destination:{function}",
+                    )
+                except NimbusError as e:
+                    log.warning(
+                        "trigger of %s: %s destination %s: %s", function, kind, target, e.message
+                    )
+            else:
+                self._to_url(target, record)
+        return True
 
     def _to_url(self, target: str, record: dict[str, Any]) -> None:
         if target.startswith("function:"):

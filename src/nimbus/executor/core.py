@@ -119,6 +119,11 @@ class Executor:
                 memory_mb=spec.memory,
                 tmp_mb=spec.ephemeral_storage,
                 network=spec.network,
+                mounts=tuple(
+                    (t["path"], t["mount"])
+                    for t in spec.triggers
+                    if t["type"] == "files" and t.get("mount")
+                ),
             )
             process = await self._launcher.launch(plan)
         except LaunchError as e:

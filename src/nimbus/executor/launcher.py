@@ -46,6 +46,8 @@ class LaunchPlan:
     memory_mb: int
     tmp_mb: int
     network: str
+    #: Host directories mounted read-only in the sandbox: ``(host path, path inside)``.
+    mounts: tuple[tuple[str, str], ...] = ()
 
 
 class InstanceProcess(Protocol):

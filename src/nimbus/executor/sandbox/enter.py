@@ -92,13 +92,30 @@ def prepare_root(*, rootfs: str, prefix: str, hidden: Sequence[str]) -> None:
     linux.mount(None, rootfs, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
 
 
-def enter_root(*, rootfs: str, code: str, layer: str | None, tmp_mb: int) -> None:
+def enter_root(
+    *,
+    rootfs: str,
+    code: str,
+    layer: str | None,
+    tmp_mb: int,
+    mounts: list[tuple[str, str]] | tuple[()] = (),
+) -> None:
     """The function's half, on *go*: its code at ``/var/task`` and its dependency
     layer at ``/opt/python`` (both read-only), a private ``/tmp`` of its size,
-    then ``pivot_root`` into the result (prepared by :func:`prepare_root`)."""
+    the directories its file triggers mount (read-only, under ``/mnt``), then
+    ``pivot_root`` into the result (prepared by :func:`prepare_root`)."""
     _bind_ro(code, rootfs + "/var/task")
     if layer:
         _bind_ro(layer, rootfs + "/opt/python")
+    if mounts:
+        # The root is read-only: a small root-owned tmpfs holds the mount points.
+        linux.mount(
+            "tmpfs", rootfs + "/mnt", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64k,mode=755"
+        )
+        for source, inside in mounts:
+            target = rootfs + inside
+            os.makedirs(target, exist_ok=True)
+            _bind_ro(source, target)
     linux.mount(
         "tmpfs",
         rootfs + "/tmp",

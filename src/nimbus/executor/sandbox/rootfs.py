@@ -43,7 +43,7 @@ __all__ = ["FORMAT", "MOUNTPOINTS", "Rootfs", "build_rootfs"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 """Bump when the layout changes: every host then rebuilds its tree."""
 
 MOUNTPOINTS: dict[str, str] = {
@@ -53,6 +53,7 @@ MOUNTPOINTS: dict[str, str] = {
     "task": "/var/task",
     "layer": "/opt/python",
     "runtime": "/var/runtime",
+    "mnt": "/mnt",
 }
 
 # Merged-/usr hosts make these symlinks (lib -> usr/lib); the tree repeats them

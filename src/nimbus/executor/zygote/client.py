@@ -340,6 +340,7 @@ class ZygoteLauncher:
                 "pids_max": limits.pids_max,
                 "fsize": plan.tmp_mb * 1024 * 1024,
                 "netns": plan.network == "egress",
+                "mounts": [list(m) for m in plan.mounts],
             }
         # No environment here: it may hold secrets, and the zygote's memory is inherited
         # by every later fork. The executor sends it on the instance's own socket (SPEC).

@@ -201,7 +201,11 @@ def _enter_sandbox(
         linux.setns(netns_fd, linux.CLONE_NEWNET)  # the function's shared egress namespace
         os.close(netns_fd)
     enter.enter_root(
-        rootfs=box["rootfs"], code=box["code"], layer=box.get("layer"), tmp_mb=box["tmp_mb"]
+        rootfs=box["rootfs"],
+        code=box["code"],
+        layer=box.get("layer"),
+        tmp_mb=box["tmp_mb"],
+        mounts=[(m[0], m[1]) for m in box.get("mounts", ())],
     )
     linux.sethostname(box["hostname"])
     enter.drop_privileges(

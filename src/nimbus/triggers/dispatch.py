@@ -1,0 +1,240 @@
+"""From messages to invocations, for one trigger: batching, bounded concurrency,
+retries, acknowledgement and dead-lettering.
+
+``Dispatcher.emit`` is the ``emit`` a source runs with. Messages are grouped into
+batches (``batch_size``, or what arrived within ``batch_window``); each batch is one
+synchronous invocation through the one :class:`~nimbus.invoke.Invoker`, with the
+event ``{"Records": [...]}``. At most ``max_concurrency`` batches run at once; while
+they all do, ``emit`` does not return, so the source stops taking messages from the
+broker (back-pressure: nothing piles up in Nimbus).
+
+Outcome of a batch:
+
+* success: every message is acked (and, for request-reply, the result is the reply);
+* function error: retried ``max_retries`` times with backoff, holding the messages
+  unacked; then each is dead-lettered (the broker's own mechanism where the
+  trigger has one, else the function's ``async.on_failure``/``dead_letter``
+  destinations with Lambda's record) and acked;
+* throttled (every instance busy): waited out and tried again; not a failure;
+* the function deleted, or Nimbus stopping: nothing is acked, the broker redelivers;
+* too deep a chain of triggered invocations (``nimbus-depth`` ≥ ``max_depth``):
+  not invoked, logged, dead-lettered (Lambda's recursive loop detection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import orjson
+
+from nimbus.errors import NimbusError, ResourceNotFound, TooManyRequests
+from nimbus.models import InvokeResult
+from nimbus.triggers.sources.base import Message, Status
+from nimbus.triggers.specs import EventTrigger
+
+log = logging.getLogger("nimbus.triggers")
+
+#: Longest wait between two tries of a throttled batch, seconds.
+MAX_THROTTLE_WAIT = 1.0
+MAX_RETRY_WAIT = 60.0
+
+
+class InvokePath(Protocol):
+    async def invoke(
+        self, name: str, event: bytes, *, request_id: uuid.UUID | None = None
+    ) -> InvokeResult: ...
+
+
+#: Nimbus's dead-letter destination: ``(function, event, condition, attempts, result)``
+#: → whether a destination took it.
+DeadLetters = Callable[[str, bytes, str, int, InvokeResult | None], Awaitable[bool]]
+
+
+def record_of(message: Message, source: str, arn: str) -> dict[str, Any]:
+    """The message's ``Records`` entry: the broker's metadata plus the body as text
+    (base64, with ``bodyEncoding``, when it is not UTF-8)."""
+    record: dict[str, Any] = {"eventSource": source, "eventSourceArn": arn, **message.record}
+    if "body" not in record:
+        try:
+            record["body"] = message.body.decode("utf-8")
+        except UnicodeDecodeError:
+            record["body"] = base64.b64encode(message.body).decode("ascii")
+            record["bodyEncoding"] = "base64"
+    # What the function should put in the nimbus-depth header of what it publishes.
+    record["nimbusDepth"] = message.depth + 1
+    return record
+
+
+class Dispatcher:
+    """Turns one trigger's messages into invocations of its function."""
+
+    def __init__(
+        self,
+        function: str,
+        trigger: str,
+        spec: EventTrigger,
+        invoker: InvokePath,
+        dead_letters: DeadLetters,
+        status: Status,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.function = function
+        self.trigger = trigger
+        self.spec = spec
+        self._invoker = invoker
+        self._dead_letters = dead_letters
+        self.status = status
+        self._sleep = sleep
+        self._source = f"nimbus:{spec.type}"
+        self._arn = f"nimbus:{spec.type}:{function}:{trigger}"
+        self._slots = asyncio.Semaphore(spec.max_concurrency)
+        self._batch: list[Message] = []
+        self._window: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flushing = asyncio.Lock()
+
+    # -- the source's side -------------------------------------------------------------
+    async def emit(self, message: Message) -> None:
+        """Take one message; returns when the trigger has room for the next one."""
+        self.status.received += 1
+        self._batch.append(message)
+        if len(self._batch) >= self.spec.batch_size or self.spec.batch_window == 0:
+            await self.flush()
+        elif self._window is None:
+            loop = asyncio.get_running_loop()
+            self._window = loop.call_later(self.spec.batch_window, self._window_closed)
+
+    def _window_closed(self) -> None:
+        self._window = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self) -> None:
+        """Start the batch collected so far (waiting for a free slot first)."""
+        async with self._flushing:
+            if self._window is not None:
+                self._window.cancel()
+                self._window = None
+            if not self._batch:
+                return
+            await self._slots.acquire()
+            batch, self._batch = self._batch, []
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @property
+    def in_flight(self) -> int:
+        return self.spec.max_concurrency - self._slots._value
+
+    async def close(self, grace: float) -> None:
+        """Stop: let running invocations finish (up to ``grace``), then cancel them;
+        messages not acked by then are left to the broker to redeliver."""
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+        self._batch.clear()
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    # -- one batch ---------------------------------------------------------------------
+    async def _run(self, batch: list[Message]) -> None:
+        try:
+            await self._deliver(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "trigger %s of %s: delivering a batch failed", self.trigger, self.function
+            )
+        finally:
+            self._slots.release()
+
+    async def _deliver(self, batch: list[Message]) -> None:
+        depth = max(m.depth for m in batch)
+        event = orjson.dumps({"Records": [record_of(m, self._source, self._arn) for m in batch]})
+        if depth >= self.spec.max_depth:
+            self.status.recursion_stopped += len(batch)
+            log.warning(
+                "trigger %s of %s: recursive loop stopped: a message is %d triggered "
+                "invocations deep (max_depth %d); not invoking, dead-lettering it",
+                self.trigger,
+                self.function,
+                depth,
+                self.spec.max_depth,
+            )
+            await self._dead_letter(batch, event, "RecursiveInvocationDetected", 0, None)
+            return
+        attempts = 0
+        while True:
+            try:
+                result = await self._invoker.invoke(self.function, event)
+            except TooManyRequests:
+                await self._sleep(MAX_THROTTLE_WAIT)
+                continue
+            except ResourceNotFound:
+                return  # the function is gone; its trigger stops, the broker keeps these
+            except NimbusError as e:  # e.g. the batch is over the payload limit
+                log.warning("trigger %s of %s: %s", self.trigger, self.function, e.message)
+                await self._dead_letter(batch, event, "InvalidRequest", attempts, None)
+                return
+            attempts += 1
+            if result.error is None:
+                await self._succeed(batch, result)
+                return
+            if attempts > self.spec.max_retries:
+                self.status.failed += len(batch)
+                await self._dead_letter(batch, event, "RetriesExhausted", attempts, result)
+                return
+            self.status.retried += len(batch)
+            wait = min(MAX_RETRY_WAIT, self.spec.retry_backoff * 2 ** (attempts - 1))
+            await self._sleep(wait)
+
+    async def _succeed(self, batch: list[Message], result: InvokeResult) -> None:
+        if len(batch) == 1 and batch[0].reply is not None:
+            await batch[0].reply(result.body)
+        for message in batch:
+            await message.ack()
+        self.status.succeeded += len(batch)
+
+    async def _dead_letter(
+        self,
+        batch: list[Message],
+        event: bytes,
+        condition: str,
+        attempts: int,
+        result: InvokeResult | None,
+    ) -> None:
+        native = [m for m in batch if m.dead_letter is not None]
+        for message in native:
+            assert message.dead_letter is not None
+            await message.dead_letter()
+        rest = [m for m in batch if m.dead_letter is None]
+        if rest:
+            taken = await self._dead_letters(self.function, event, condition, attempts, result)
+            if not taken:
+                log.warning(
+                    "trigger %s of %s: %d message(s) failed (%s) and the function has no "
+                    "async.on_failure or dead_letter destination; they are dropped",
+                    self.trigger,
+                    self.function,
+                    len(rest),
+                    condition,
+                )
+            for message in rest:
+                await message.ack()
+        self.status.dead_lettered += len(batch)
