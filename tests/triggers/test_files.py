@@ -196,3 +196,51 @@ def test_a_missing_directory_is_an_error_state_until_it_appears(
     assert "is not a directory" in status["last_error"]
     os.mkdir(later)
     wait_state(server, "files-later", "inbox", "connected", timeout=30)
+
+
+def test_the_cli_adds_lists_and_removes_a_file_trigger(
+    server: NimbusServer, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    def nimbus(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "NIMBUS_URL": server.url}
+        return subprocess.run(
+            [sys.executable, "-m", "nimbus", *args], capture_output=True, text=True, env=env
+        )
+
+    deploy_sink(server, "files-cli")
+    added = nimbus(
+        "triggers",
+        "add",
+        "files-cli",
+        "--files",
+        str(tmp_path),
+        "--set",
+        "debounce=0.1",
+        "--name",
+        "drop",
+    )
+    assert added.returncode == 0, added.stderr
+    assert "Added trigger drop to files-cli" in added.stdout
+    wait_state(server, "files-cli", "drop")
+    listed = nimbus("triggers", "list", "files-cli")
+    assert listed.returncode == 0, listed.stderr
+    assert "files" in listed.stdout and "connected" in listed.stdout
+    (tmp_path / "x.txt").write_text("x")
+    wait_records(server, "files-cli", 1)
+
+    bad = nimbus("triggers", "add", "files-cli", "--files", str(tmp_path), "--set", "debounce=-1")
+    assert bad.returncode != 0 and "debounce" in bad.stderr and "Traceback" not in bad.stderr
+    two = nimbus("triggers", "add", "files-cli", "--nats", "a", "--redis", "b")
+    assert two.returncode != 0 and "exactly one source" in two.stderr
+
+    removed = nimbus("triggers", "remove", "files-cli", "drop")
+    assert removed.returncode == 0, removed.stderr
+    assert trigger_names(server, "files-cli") == []
+
+
+def trigger_names(server: NimbusServer, function: str) -> list[str]:
+    r = server.client.get(f"/v1/functions/{function}/triggers")
+    return [t["name"] for t in r.json()["triggers"]]

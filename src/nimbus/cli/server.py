@@ -107,6 +107,51 @@ def up(
             help="Run instances as plain processes: no namespaces, cgroups, seccomp or own uid.",
         ),
     ] = False,
+    nats: Annotated[
+        str | None,
+        typer.Option(
+            "--nats",
+            envvar="NIMBUS_NATS_URL",
+            help="NATS server for nats triggers that name no url.",
+            show_default="nats://127.0.0.1:4222",
+        ),
+    ] = None,
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            "--redis",
+            envvar="NIMBUS_REDIS_URL",
+            help="Redis server for redis triggers that name no url.",
+            show_default="redis://127.0.0.1:6379/0",
+        ),
+    ] = None,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt",
+            envvar="NIMBUS_MQTT_URL",
+            help="MQTT broker for mqtt triggers that name no url.",
+            show_default="mqtt://127.0.0.1:1883",
+        ),
+    ] = None,
+    amqp: Annotated[
+        str | None,
+        typer.Option(
+            "--amqp",
+            envvar="NIMBUS_AMQP_URL",
+            help="AMQP broker (RabbitMQ) for amqp triggers that name no url.",
+            show_default="amqp://guest:guest@127.0.0.1:5672/",
+        ),
+    ] = None,
+    files_roots: Annotated[
+        str | None,
+        typer.Option(
+            "--files-roots",
+            envvar="NIMBUS_FILES_ROOTS",
+            help="':'-separated directories under which file triggers may watch and mount.",
+            show_default="/srv:/mnt:/media:/home:/data:/tmp:/var/tmp",
+        ),
+    ] = None,
     deploy: Annotated[
         list[Path] | None,
         typer.Option(
@@ -137,6 +182,11 @@ def up(
         sandbox_pool=sandbox_pool,
         max_async_concurrency=max_async_concurrency,
         async_retention=async_retention,
+        nats_url=nats,
+        redis_url=redis,
+        mqtt_url=mqtt,
+        amqp_url=amqp,
+        files_roots=files_roots,
     )
     from nimbus.server import serve
 

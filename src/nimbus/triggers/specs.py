@@ -268,8 +268,8 @@ def redact_url(url: str | None) -> str | None:
     if ":" in host:
         host = f"[{host}]"
     netloc = host + (f":{port}" if port else "")
-    if parts.username:
-        netloc = f"{parts.username}{':***' if parts.password is not None else ''}@{netloc}"
+    if parts.username or parts.password is not None:
+        netloc = f"{parts.username or ''}{':***' if parts.password is not None else ''}@{netloc}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
