@@ -327,3 +327,11 @@ def test_urls_are_shown_without_passwords() -> None:
     assert redact_url("redis://:secret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
     assert view({"type": "nats", "url": "nats://u:p@h:1"})["url"] == "nats://u:***@h:1"
+
+
+def test_errors_shown_in_a_status_never_carry_a_password() -> None:
+    from nimbus.triggers.sources.base import describe_error
+
+    error = ConnectionError("cannot connect to amqp://guest:s3cret@127.0.0.1:5672/ (refused)")
+    assert describe_error(error) == "cannot connect to amqp://guest:***@127.0.0.1:5672/ (refused)"
+    assert "s3cret" not in describe_error(OSError("redis://:s3cret@h:1/0 down"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -105,8 +106,18 @@ class ConfigurationError(Exception):
     wrong credentials...): its state is ``error`` and it retries slowly."""
 
 
+#: ``scheme://user:password@``: what a client library's error message may quote.
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s@/]*@")
+
+
+def scrub(text: str) -> str:
+    """``text`` with the password of every URL in it masked."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
 def describe_error(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
+    """An error as one line fit for a status and a log: no credentials, not too long."""
+    text = scrub(" ".join(str(e).split()) or type(e).__name__)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
