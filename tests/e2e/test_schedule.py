@@ -203,7 +203,7 @@ def test_triggers_cli(server: NimbusServer) -> None:
     out = nimbus(server, "triggers", "list", "sched-cli")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split()[:3] == ["NAME", "TYPE", "SCHEDULE"]
+    assert lines[0].split()[:4] == ["NAME", "TYPE", "SOURCE", "STATE"]
     assert "every5" in lines[1] and "replace" in lines[1] and "never" in lines[1]
     assert "Asia/Tokyo" in lines[2]
     out = nimbus(server, "triggers", "list", "sched-cli", "--json")
