@@ -141,7 +141,8 @@ class EventTriggers:
     def _start(self, function: str, trigger: str, raw: dict[str, Any]) -> _Running:
         spec = parse_event_trigger(raw)
         status = Status()
-        context = TriggerContext(function, trigger, self._urls.get(spec.type), status)
+        url = getattr(spec, "url", None) or self._urls.get(spec.type)
+        context = TriggerContext(function, trigger, url, status)
         dispatcher = Dispatcher(function, trigger, spec, self._invoker, self._dead_letters, status)
         source = self._factory(spec, context)
         task = asyncio.get_running_loop().create_task(
