@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from nimbus.errors import InvalidParameterValue
 
@@ -73,6 +73,22 @@ def _url(v: str | None, schemes: tuple[str, ...]) -> str | None:
     return v
 
 
+#: A JetStream stream or consumer name: no whitespace, ``.``, ``*``, ``>`` or path separators.
+NATS_NAME_RE = re.compile(r"^[^\s.*>/\\]{1,255}$")
+
+
+def nats_subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subscription on ``pattern`` (``*`` one token, ``>`` the rest)
+    receives messages published on the literal ``subject``."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for i, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or token not in ("*", tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
 class NatsTrigger(Delivery):
     """NATS: JetStream with a durable consumer (``stream`` set), or core NATS with a queue group.
 
@@ -107,6 +123,32 @@ class NatsTrigger(Delivery):
             raise ValueError("must be a NATS subject, e.g. 'orders.*' or 'orders.>'")
         return v
 
+    @field_validator("stream", "durable")
+    @classmethod
+    def _jetstream_name(cls, v: str | None) -> str | None:
+        if v is not None and not NATS_NAME_RE.fullmatch(v):
+            raise ValueError("must be 1-255 characters, none of them whitespace or . * > / \\")
+        return v
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c.isspace() for c in v)):
+            raise ValueError("must be a queue group name without whitespace")
+        return v
+
+    @field_validator("dead_letter_subject")
+    @classmethod
+    def _dead_letter_elsewhere(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if not NATS_SUBJECT_RE.fullmatch(v) or "*" in v.split(".") or ">" in v.split("."):
+            raise ValueError("must be a NATS subject without wildcards, e.g. 'orders.dead'")
+        # Dead letters published where the trigger listens would come back, forever.
+        if nats_subject_matches(info.data.get("subject") or "", v):
+            raise ValueError("must not be a subject the trigger itself receives")
+        return v
+
 
 class RedisTrigger(Delivery):
     """A Redis stream read by a consumer group (XREADGROUP/XACK; XAUTOCLAIM for the dead)."""
@@ -120,12 +162,21 @@ class RedisTrigger(Delivery):
     start_from: Literal["new", "beginning"] = "new"
     #: Entries pending this long on another (dead) consumer are claimed, seconds.
     claim_idle: float = Field(default=60, ge=1, le=86400)
-    dead_letter_stream: str | None = None
+    dead_letter_stream: str | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("url")
     @classmethod
     def _u(cls, v: str | None) -> str | None:
         return _url(v, ("redis", "rediss", "unix"))
+
+    @field_validator("dead_letter_stream")
+    @classmethod
+    def _dead_letter_elsewhere(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # Dead-lettering into the stream being read would deliver the failed entry
+        # again, forever.
+        if v is not None and v == info.data.get("stream"):
+            raise ValueError("must not be the stream the trigger reads")
+        return v
 
 
 class MqttTrigger(Delivery):
