@@ -314,6 +314,8 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # a line per change otherwise
+    # A traceback per reconnect attempt; the trigger's state and warning already say it.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     try:
         node = Nimbus(settings)
     except SandboxUnavailable as e:

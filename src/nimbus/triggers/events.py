@@ -16,7 +16,6 @@ no MQTT never imports its client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -42,6 +41,10 @@ SOURCES = {
     "amqp": "nimbus.triggers.sources.amqp:AmqpSource",
     "files": "nimbus.triggers.sources.files:FilesSource",
 }
+
+#: Seconds a source gets, beyond the grace, to stop after it is cancelled (sources let
+#: invocations in flight settle their messages before they close the connection).
+SOURCE_STOP = 5.0
 
 #: The brokers' URLs when neither the trigger nor the server names one.
 DEFAULT_URLS = {
@@ -158,8 +161,12 @@ class EventTriggers:
 
     async def _stop(self, running: _Running) -> None:
         running.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await running.task
+        # Bounded: on 3.11 a client library's wait_for can swallow a cancellation.
+        _, pending = await asyncio.wait({running.task}, timeout=self._grace + SOURCE_STOP)
+        if pending:
+            log.warning("trigger %s: its source did not stop", running.task.get_name())
+        elif not running.task.cancelled() and running.task.exception() is not None:
+            log.warning("trigger %s: %s", running.task.get_name(), running.task.exception())
         await running.dispatcher.close(self._grace)
         running.status.set("stopped")
 
