@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from async_bench import Server, log  # noqa: E402
+from async_bench import Server, log
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
