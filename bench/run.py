@@ -1,19 +1,25 @@
-"""``make bench``: warm and cold invoke of a hello handler, Nimbus vs functions-framework.
+"""``make bench``: warm and cold invoke of a hello handler, Nimbus vs its peers.
 
 One run, loopback only, load generators in other processes (``wrk``, and
 bench/seqclient.py for sequential fresh-connection requests). Bounded in time
-(about a minute and a half). Every process started here is stopped by pid in a
+(about two and a half minutes). Every process started here is stopped by pid in a
 ``finally``, and the temporary directory is removed. The summary is printed and
-written to bench/results/latest.md (plus latest.json, wrk-raw.txt and
-nimbus-server.log; the directory is gitignored). See docs/benchmarks.md.
+written to bench/results/latest.md (plus latest.json, wrk-raw.txt and the servers'
+logs; the directory is gitignored). See docs/benchmarks.md.
 
 Phases:
-1. Start functions-framework (PyPI) serving the same handler twice: its default
-   server (gunicorn, 1 worker, 4 threads per CPU), and with WORKERS=<cores>
-   (labelled "tuned"); start ``nimbus up`` on a free port and deploy bench/functions.
+1. Start the peers serving the same handler: functions-framework (PyPI) twice, its
+   default server (gunicorn, 1 worker, 4 threads per CPU) and with WORKERS=<cores>
+   (labelled "tuned"); serverless-offline 13 on serverless 3 (npm, installed by
+   ``npm ci`` into .venv/bench-npm/ when missing; run offline: no org/app, telemetry
+   and notifications off). Start ``nimbus up`` and, for the HTTP server stack
+   comparison, the same Nimbus app under granian (bench/granian_app.py); deploy
+   bench/functions to both.
 2. Warm throughput: one wrk warm-up each, then ``ROUNDS`` rounds of the same wrk
    command against each server, interleaved, with the CPU each one used.
-3. Peers stopped; latency at one connection: the gateway vs the ``/v1/.../invoke`` path.
+3. Peers stopped; latency at one connection: the gateway vs the ``/v1/.../invoke`` path,
+   and the gateway vs calling a warm instance directly over its own socket with the
+   instance protocol (bench/direct_invoke.py, another process).
 4. Cold start: functions with ``keep_warm: 0`` (every request starts an instance),
    N sequential requests, each on a fresh connection, with a pause between them;
    the ``REPORT ... Init Duration`` log lines confirm each one was cold.
@@ -52,6 +58,16 @@ FUNCTIONS = BENCH / "functions"
 RESULTS = BENCH / "results"
 PEER_SOURCE = BENCH / "peer" / "ff_hello.py"
 SEQCLIENT = BENCH / "seqclient.py"
+DIRECT = BENCH / "direct_invoke.py"
+#: serverless-offline's sources (package.json, package-lock.json, serverless.yml), committed.
+SLS_SOURCE = BENCH / "peer" / "serverless-offline"
+#: Where `npm ci` installs them: inside the venv, which is gitignored and `make clean` removes.
+SLS_INSTALL = BENCH.parent / ".venv" / "bench-npm" / "serverless-offline"
+#: Offline: no telemetry, no notifications (update checks), no dashboard (no org/app).
+SLS_ENV = {"SLS_TELEMETRY_DISABLED": "1", "SLS_NOTIFICATIONS_MODE": "off"}
+DIRECT_N = 2000  # sequential round trips per layer in bench/direct_invoke.py
+#: The node under granian: ASGI, one worker, uvloop, as `nimbus up` runs uvicorn.
+GRANIAN_ARGS = ["--interface", "asgi", "--factory", "--loop", "uvloop", "--workers", "1"]
 HOST = "127.0.0.1"
 EXPECTED_BODY = '{"hello":"world"}'
 
@@ -96,11 +112,22 @@ def machine() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for pkg in ("functions-framework", "gunicorn", "flask"):
+    for pkg in ("functions-framework", "gunicorn", "flask", "granian", "uvicorn"):
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = "not installed"
+    for pkg in ("serverless", "serverless-offline"):
+        try:
+            manifest = SLS_INSTALL / "node_modules" / pkg / "package.json"
+            versions[pkg] = json.loads(manifest.read_text())["version"]
+        except (OSError, ValueError, KeyError):
+            versions[pkg] = "not installed"
+    try:
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True)
+        versions["node"] = node.stdout.strip() or "unknown"
+    except OSError:
+        versions["node"] = "not installed"
     import nimbus
 
     source = Path(nimbus.__file__).resolve().parent.parent
@@ -129,13 +156,25 @@ def machine() -> dict[str, str]:
 class Proc:
     """A child process in its own session, stopped by its pid (then its group) in finally."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str],
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.p = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=cwd,
         )
 
     def alive(self) -> bool:
@@ -217,6 +256,19 @@ def descendants(root: int) -> dict[int, str]:
         found[pid] = start[pid]
         todo.extend(children.get(pid, []))
     return found
+
+
+def leader_first(leader: int) -> list[int]:
+    """The process group of ``leader``, the leader first (pids wrap, so sorting is not
+    enough to put gunicorn's arbiter or serverless-offline's node process first)."""
+    return [leader, *(pid for pid in group_pids(leader) if pid != leader)]
+
+
+def main_first(root: int) -> list[int]:
+    """``root``, its direct children (granian's worker), then every other descendant."""
+    rest = sorted(descendants(root))
+    children = [pid for pid in rest if (_stat(pid) or ["", "0"])[1] == str(root)]
+    return [root, *children, *(pid for pid in rest if pid not in children)]
 
 
 def still_running(procs: dict[int, str]) -> list[int]:
@@ -431,6 +483,9 @@ class Target:
     pids: Callable[[], list[int]]
     runs: list[Wrk] = field(default_factory=list)
     processes: int = 0
+    warmup_requests: int = 0
+    #: nimbus (uvicorn), granian (the same node under granian), ff, sls: how its CPU is shown.
+    kind: str = "ff"
 
     def median(self) -> Wrk:
         return sorted(self.runs, key=lambda w: w.rps)[len(self.runs) // 2]
@@ -453,24 +508,111 @@ def start_peer(tmp: Path, label: str, extra_env: dict[str, str]) -> tuple[Proc, 
         label=label,
         url=f"http://{HOST}:{port}/function/hello",
         command=(shown_env + " " if shown_env else "") + command,
-        pids=lambda: group_pids(proc.p.pid),
+        pids=lambda: leader_first(proc.p.pid),
     )
     return proc, target
 
 
+def ensure_sls() -> str | None:
+    """Install serverless + serverless-offline (``npm ci``) when missing or when the lock
+    changed. None when ready, else why the peer cannot run (the report says so)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm not installed"
+    lock = (SLS_SOURCE / "package-lock.json").read_bytes()
+    installed = SLS_INSTALL / "package-lock.json"
+    binary = SLS_INSTALL / "node_modules" / ".bin" / "serverless"
+    if binary.exists() and installed.exists() and installed.read_bytes() == lock:
+        return None
+    log(f"npm ci: serverless + serverless-offline into {SLS_INSTALL}")
+    SLS_INSTALL.mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(SLS_SOURCE / name, SLS_INSTALL / name)
+    # --ignore-scripts: serverless's postinstall only prints; nothing is fetched at run time.
+    argv = ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
+    out = subprocess.run(argv, cwd=SLS_INSTALL, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0 or not binary.exists():
+        installed.unlink(missing_ok=True)
+        return f"npm ci failed ({out.returncode}): {(out.stderr or out.stdout)[-500:]}"
+    return None
+
+
+def start_sls(tmp: Path) -> tuple[Proc, Target]:
+    """``serverless offline start`` on a service directory made of bench/peer/
+    serverless-offline/serverless.yml and the very handler file Nimbus serves."""
+    service = tmp / "sls-service"
+    service.mkdir()
+    shutil.copyfile(SLS_SOURCE / "serverless.yml", service / "serverless.yml")
+    shutil.copyfile(FUNCTIONS / "hello" / "app.py", service / "app.py")
+    (service / "node_modules").symlink_to(SLS_INSTALL / "node_modules")
+    port, lambda_port = free_port(), free_port()
+    env = dict(os.environ)
+    env.update(SLS_ENV)
+    # serverless-offline spawns `python3` (from `runtime: python3.11`) through a shell: this
+    # venv's interpreter (3.11), first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    argv = [str(SLS_INSTALL / "node_modules" / ".bin" / "serverless"), "offline", "start"]
+    argv += ["--host", HOST, "--httpPort", str(port), "--lambdaPort", str(lambda_port)]
+    argv += ["--noPrependStageInUrl"]
+    proc = Proc("serverless-offline", argv, tmp / "sls.log", env, cwd=service)
+    target = Target(
+        label="serverless-offline (serverless 3, Node + 1 Python worker per concurrent request)",
+        url=f"http://{HOST}:{port}/hello",
+        command=" ".join(f"{k}={v}" for k, v in SLS_ENV.items())
+        + " serverless offline start --host 127.0.0.1 --httpPort <free> --lambdaPort <free> "
+        "--noPrependStageInUrl (service: bench/peer/serverless-offline/serverless.yml + "
+        "bench/functions/hello/app.py)",
+        pids=lambda: leader_first(proc.p.pid),
+        kind="sls",
+    )
+    return proc, target
+
+
+def sls_workers(proc: Proc) -> int:
+    """serverless-offline's Python worker processes (not the shells that start them)."""
+    n = 0
+    for pid in group_pids(proc.p.pid):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"invoke.py" in b" ".join(argv) and not argv[0].endswith(b"sh"):
+                n += 1
+    return n
+
+
+def granian_missing() -> str | None:
+    exe = Path(sys.executable).with_name("granian")
+    if not exe.exists():
+        return "granian is not installed (the `bench` extra: granian==2.8.7)"
+    return None
+
+
 # -- Nimbus -------------------------------------------------------------------------------------
 class Nimbus:
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        self.data_dir = tmp / ("nimbus-data" + "".join(extra).replace("-", "_"))
+    """A Nimbus node: ``nimbus up`` (uvicorn), or with ``server="granian"`` the same
+    ``nimbus.server.Nimbus`` ASGI app under granian (bench/granian_app.py)."""
+
+    def __init__(self, tmp: Path, *extra: str, server: str = "uvicorn") -> None:
+        suffix = "".join(extra).replace("-", "_") + ("_granian" if server == "granian" else "")
+        self.data_dir = tmp / ("nimbus-data" + suffix)
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         # Kept in bench/results/ (gitignored) so a failed run can be looked at.
         RESULTS.mkdir(exist_ok=True)
-        self.log_path = RESULTS / ("nimbus-server.log" if not extra else "nimbus-server-2.log")
+        if server == "granian":
+            name = "nimbus-granian.log"
+        else:
+            name = "nimbus-server.log" if not extra else "nimbus-server-2.log"
+        self.log_path = RESULTS / name
         self.log_path.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "nimbus", "up", "--host", HOST, "--port", str(self.port)]
-        argv += ["--data-dir", str(self.data_dir), *extra]
-        self.proc = Proc("nimbus up", argv, self.log_path, dict(os.environ))
+        env = dict(os.environ)
+        if server == "granian":
+            env["NIMBUS_DATA_DIR"] = str(self.data_dir)
+            argv = [str(Path(sys.executable).with_name("granian")), *GRANIAN_ARGS]
+            argv += ["--host", HOST, "--port", str(self.port), "--working-dir", str(BENCH)]
+            argv += ["granian_app:app"]
+        else:
+            argv = [sys.executable, "-m", "nimbus", "up", "--host", HOST]
+            argv += ["--port", str(self.port), "--data-dir", str(self.data_dir), *extra]
+        self.proc = Proc(f"nimbus ({server})", argv, self.log_path, env)
         self.client = httpx.Client(base_url=self.url, timeout=60)
 
     def wait(self) -> None:
@@ -563,6 +705,22 @@ def wait_instances(nimbus: Nimbus, name: str, total: int, timeout: float = 5) ->
         time.sleep(0.05)
 
 
+def direct_invoke(gateway_url: str, data_dir: Path) -> dict[str, Any]:
+    """bench/direct_invoke.py in its own process: sequential latencies of the HTTP gateway
+    (keep-alive) and of the instance protocol called directly (see that file)."""
+    argv = [sys.executable, str(DIRECT), "--gateway-url", gateway_url]
+    argv += ["--data-dir", str(data_dir), "-n", str(DIRECT_N)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"direct_invoke failed ({out.returncode}): {out.stderr[-3000:]}")
+    data: dict[str, Any] = json.loads(out.stdout)
+    data["command"] = (
+        f"python bench/direct_invoke.py --gateway-url {HOST}:<port>/function/hello "
+        f"--data-dir <tmp> -n {DIRECT_N}"
+    )
+    return data
+
+
 def check_body(label: str, url: str) -> None:
     body = httpx.get(url, timeout=30).text
     if body != EXPECTED_BODY:
@@ -573,16 +731,35 @@ def run_all(tmp: Path) -> dict[str, Any]:
     cores = str(os.cpu_count() or 1)
     peers: list[tuple[Proc, Target]] = []
     nimbus: Nimbus | None = None
-    out: dict[str, Any] = {}
+    granian: Nimbus | None = None
+    sls: tuple[Proc, Target] | None = None
+    out: dict[str, Any] = {"skipped": {}}
     try:
         # -- start everything ------------------------------------------------------------------
         peers.append(start_peer(tmp, "functions-framework, default (gunicorn, 1 worker)", {}))
         peers.append(
             start_peer(tmp, f"functions-framework, WORKERS={cores} (tuned)", {"WORKERS": cores})
         )
+        why = ensure_sls()
+        if why is None:
+            sls = start_sls(tmp)
+            peers.append(sls)
+        else:
+            out["skipped"]["serverless-offline"] = why
+            log(f"serverless-offline not measured: {why}")
         for proc, t in peers:
-            wait_http(proc, t.url)
-            check_body(t.label, t.url)
+            try:
+                wait_http(proc, t.url, timeout=60)
+                check_body(t.label, t.url)
+            except RuntimeError as e:
+                if t.kind != "sls":
+                    raise
+                # The npm peer is optional: its failure is reported, the rest still runs.
+                out["skipped"]["serverless-offline"] = f"it did not serve: {str(e)[-800:]}"
+                log(f"serverless-offline not measured: {e}")
+                proc.stop()
+                sls = None
+        peers = [(proc, t) for proc, t in peers if t.kind != "sls" or sls is not None]
         nimbus = Nimbus(tmp)
         t0 = time.monotonic()
         nimbus.wait()
@@ -601,13 +778,36 @@ def run_all(tmp: Path) -> dict[str, Any]:
             url=url,
             command=f"python -m nimbus up --host {HOST} --port <free> --data-dir <tmp>",
             pids=lambda: [nb.proc.p.pid, *sorted(descendants(nb.proc.p.pid))],
+            kind="nimbus",
         )
-        targets = [nimbus_target] + [t for _, t in peers]
+        granian_target: Target | None = None
+        why = granian_missing()
+        if why is None:
+            granian = Nimbus(tmp, server="granian")
+            granian.wait()
+            granian.deploy(hello_dir)
+            g_url = f"{granian.url}/function/hello"
+            check_body("nimbus under granian", g_url)
+            gr = granian
+            granian_target = Target(
+                label="Nimbus under granian (ASGI, 1 worker, uvloop)",
+                url=g_url,
+                command=f"NIMBUS_DATA_DIR=<tmp> granian {' '.join(GRANIAN_ARGS)} --host {HOST} "
+                "--port <free> --working-dir bench granian_app:app",
+                pids=lambda: main_first(gr.proc.p.pid),
+                kind="granian",
+            )
+        else:
+            out["skipped"]["granian"] = why
+            log(f"granian not measured: {why}")
+        targets = [nimbus_target]
+        targets += [granian_target] if granian_target is not None else []
+        targets += [t for _, t in peers]
 
         # -- warm throughput: warm-up, then ROUNDS interleaved rounds -----------------------------
         for t in targets:
             log(f"warm-up {WARMUP_SECONDS} s: {t.label}")
-            wrk(t.url, conns=WRK_CONNS, seconds=WARMUP_SECONDS)
+            t.warmup_requests = wrk(t.url, conns=WRK_CONNS, seconds=WARMUP_SECONDS).requests
         out["instances_before"] = nimbus.describe("hello")["instances"]
         for r in range(ROUNDS):
             order = targets[r % len(targets) :] + targets[: r % len(targets)]
@@ -618,7 +818,23 @@ def run_all(tmp: Path) -> dict[str, Any]:
         out["memory"] = instance_memory(nimbus.proc.p.pid)
         for proc, t in peers:
             t.processes = len(group_pids(proc.p.pid))
+            if t.kind == "sls":
+                out["sls_workers"] = sls_workers(proc)
             proc.stop()
+        if sls is not None:
+            # serverless-offline logs "(λ: hello) RequestId: ..." for every invocation of the
+            # Python handler: proof that each response came from it.
+            text = sls[0].output()
+            out["sls_invocations"] = text.count("(λ: hello) RequestId:")
+            out["sls_log_tail"] = text[-1500:]
+            t = sls[1]
+            out["sls_responses"] = 1 + sum(w.requests for w in t.runs) + t.warmup_requests
+        if granian is not None:
+            out["granian_instances"] = granian.describe("hello")["instances"]
+            out["granian_leftover"] = granian.stop()
+            out["granian_log"] = granian.proc.output()
+            out["granian_exit"] = granian.proc.p.returncode
+            granian = None
         out["targets"] = targets
 
         # -- one connection: gateway vs API invoke (peers stopped) -------------------------------
@@ -628,6 +844,10 @@ def run_all(tmp: Path) -> dict[str, Any]:
         out["solo_gateway"] = wrk(url, conns=1, seconds=SOLO_SECONDS)
         invoke_url = f"{nimbus.url}/v1/functions/hello/invoke"
         out["solo_api"] = wrk(invoke_url, conns=1, seconds=SOLO_SECONDS, script=script)
+
+        # -- gateway overhead over calling a warm instance directly (another process) ----------
+        log(f"gateway vs the instance protocol directly, {DIRECT_N} sequential calls per layer")
+        out["direct"] = direct_invoke(url, tmp / "direct-data")
 
         # -- sequential, fresh connection per request: warm baseline, then cold ---------------
         log(f"nimbus: {COLD_N} sequential requests each to hello (warm), hello-cold, heavy")
@@ -677,6 +897,8 @@ def run_all(tmp: Path) -> dict[str, Any]:
     finally:
         for proc, _ in peers:
             proc.stop()
+        if granian is not None:  # only when something failed before the normal stop
+            granian.stop()
         if nimbus is not None:  # only when something failed before the normal stop
             out["leftover_instances"] = nimbus.stop()
             out["server_log"] = nimbus.proc.output()
@@ -703,12 +925,23 @@ def errors_of(runs: list[Wrk]) -> str:
     return f"{non_2xx} / {shown}"
 
 
-def cpu_of(w: Wrk, nimbus: bool) -> str:
+def cpu_of(w: Wrk, kind: str) -> str:
     if not w.server_cpu_s:
         return "n/a"
     first, *rest = w.server_cpu_s
-    if nimbus:
+    if kind == "nimbus":
         return f"nimbus up {first:.2f} + {len(rest)} child processes {sum(rest):.2f} in all"
+    if kind == "granian" and rest:
+        worker, *others = rest
+        return (
+            f"granian main {first:.2f} + worker {worker:.2f} + {len(others)} other processes "
+            f"{sum(others):.2f} in all"
+        )
+    if kind == "sls":
+        return (
+            f"node {first:.2f} + {len(rest)} processes (Python workers and their shells) "
+            f"{sum(rest):.2f} in all"
+        )
     # The group leader (lowest pid) is gunicorn's arbiter; the others are its workers.
     return f"arbiter {first:.2f} + workers " + ", ".join(f"{x:.2f}" for x in rest)
 
@@ -725,6 +958,93 @@ def server_problems(text: str) -> list[str]:
     return [line for line in text.splitlines() if keep.search(line)]
 
 
+def stack_section(nb: dict[str, Any], nimbus_t: Target, targets: list[Target]) -> list[str]:
+    """uvicorn vs granian serving the same Nimbus app."""
+    g = next((t for t in targets if t.kind == "granian"), None)
+    if g is None:
+        return []
+    u_med, g_med = nimbus_t.median(), g.median()
+    return [
+        "",
+        "## HTTP server stack: the same Nimbus app under uvicorn and granian",
+        "",
+        "`nimbus up` serves `nimbus.server.Nimbus` with uvicorn (uvloop + httptools, one "
+        "process); the granian row serves the same ASGI app (with its lifespan: zygote, "
+        "sandbox, stores) with granian's ASGI interface, one worker, uvloop. Both sandboxed, "
+        f"same hello code, in the rounds above. Median req/s: uvicorn {f1(u_med.rps)}, granian "
+        f"{f1(g_med.rps)}: granian ÷ uvicorn = **{f2(g_med.rps / u_med.rps)}** "
+        "(per round: "
+        + ", ".join(
+            f2(b.rps / a.rps) if a.rps else "n/a"
+            for a, b in zip(nimbus_t.runs, g.runs, strict=True)
+        )
+        + f"); p50 {f2(u_med.p50_ms)} vs {f2(g_med.p50_ms)} ms.",
+    ]
+
+
+def sls_section(nb: dict[str, Any], targets: list[Target]) -> list[str]:
+    t = next((t for t in targets if t.kind == "sls"), None)
+    if t is None:
+        return []
+    return [
+        "",
+        "## serverless-offline: was the Python handler called?",
+        "",
+        f"Its log has {nb['sls_invocations']:,} `(λ: hello) RequestId` lines (one per "
+        f"invocation of the Python handler) for {nb['sls_responses']:,} responses that wrk and "
+        "the body check counted (wrk does not count responses still in flight when it stops, "
+        'so the log can have a few more). The body was checked to be `{"hello":"world"}` '
+        f"before the load. Python worker processes (invoke.py) after the rounds: "
+        f"{nb.get('sls_workers', 'n/a')}.",
+    ]
+
+
+def direct_section(nb: dict[str, Any]) -> list[str]:
+    d = nb["direct"]
+    gw, direct = d["gateway_http"], d["direct"]
+    wrk_p50_us = nb["solo_gateway"].p50_ms * 1000
+    rows = [
+        ("HTTP `GET /function/hello` on `nimbus up`, keep-alive, raw-socket client", gw),
+        ("`Invoker.invoke()` in-process (scheduler + executor + logs + metrics)", d["invoker"]),
+        (
+            "`Instance.invoke()` in-process (channel + START/END/REPORT + output pipe)",
+            d["executor"],
+        ),
+        ("INVOKE → RESULT frames on the instance's own socket (blocking client)", direct),
+    ]
+    lines = [
+        "",
+        f"## Gateway overhead over calling the instance directly ({d['n']} sequential calls each)",
+        "",
+        "bench/direct_invoke.py, its own process. The HTTP row runs first, against the "
+        "`nimbus up` above (peers stopped, instances warm). Then that process starts a second "
+        "node in-process (sandboxed, same launcher and zygote as `nimbus up`), starts one hello "
+        "instance itself the way `Executor.start` does (SPEC frame, READY) and sends it INVOKE "
+        f"frames carrying the event the gateway builds for this request ({d['event_bytes']} "
+        "bytes). One call in flight at a time; latencies in µs.",
+        "",
+        "| layer | p50 µs | p90 µs | p99 µs | mean µs | min µs | unexpected bodies |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, r in rows:
+        lines.append(
+            f"| {label} | {r['p50']:.0f} | {r['p90']:.0f} | {r['p99']:.0f} | {r['mean']:.0f} "
+            f"| {r['min']:.0f} | {r['unexpected']} |"
+        )
+    overhead = gw["p50"] - direct["p50"]
+    lines += [
+        "",
+        f"**Gateway overhead, p50: {gw['p50']:.0f} - {direct['p50']:.0f} = {overhead:+.0f} µs** "
+        f"({'within' if overhead <= 500 else 'over'} the 0.5 ms budget). With wrk -c1 as the "
+        f"HTTP client instead (the one-connection table, p50 {wrk_p50_us:.0f} µs): "
+        f"{wrk_p50_us - direct['p50']:+.0f} µs. Where it goes, p50 to p50: HTTP server and "
+        f"gateway {gw['p50'] - d['invoker']['p50']:+.0f} µs, scheduler and metrics "
+        f"{d['invoker']['p50'] - d['executor']['p50']:+.0f} µs, the executor's instance "
+        f"bookkeeping and asyncio channel {d['executor']['p50'] - direct['p50']:+.0f} µs.",
+    ]
+    return lines
+
+
 def report(info: dict[str, str], nb: dict[str, Any]) -> str:
     targets: list[Target] = nb["targets"]
     nimbus_t, peers = targets[0], targets[1:]
@@ -735,9 +1055,11 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         "",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
         f"Python {info['python']}, {info['wrk']}, functions-framework "
-        f"{info['functions-framework']} (gunicorn {info['gunicorn']}, Flask {info['flask']}). "
-        f"Loopback only. Load average at start: {info['loadavg']}; CPU busy in the second "
-        f"before the run: {info['busy_before']} %.",
+        f"{info['functions-framework']} (gunicorn {info['gunicorn']}, Flask {info['flask']}), "
+        f"uvicorn {info['uvicorn']}, granian {info['granian']}, serverless "
+        f"{info['serverless']} + serverless-offline {info['serverless-offline']} on Node.js "
+        f"{info['node']}. Loopback only. Load average at start: {info['loadavg']}; CPU busy "
+        f"in the second before the run: {info['busy_before']} %.",
         "",
         f"Nimbus imported from `{info['nimbus_source']}`; repository HEAD {info['commit']}, "
         f"uncommitted changes under src/: {info['src_dirty']}.",
@@ -760,6 +1082,8 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
             ratio, same = "-", "-"
         else:
             label = t.label
+            if t.kind == "granian":
+                label += f" ({nb['granian_instances']['total']} warm instances)"
             ratio = f"**{f2(warm.rps / w.rps)}**" if w.rps else "n/a"
             same = ", ".join(
                 f2(a.rps / b.rps) if b.rps else "n/a"
@@ -772,7 +1096,12 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
     lines += [
         "",
         f"Each server got one {WARMUP_SECONDS} s run of the same wrk command first (not counted). "
-        "All three servers were up during these rounds; the two not under load were idle.",
+        f"All {len(targets)} servers were up during these rounds; those not under load were "
+        "idle.",
+    ]
+    for what, why in nb["skipped"].items():
+        lines.append(f"**{what} not measured**: {why}.")
+    lines += [
         "",
         f"CPU during each server's median run ({info['nproc']} CPUs x {WRK_SECONDS} s = "
         f"{int(info['nproc']) * WRK_SECONDS} CPU-s available):",
@@ -785,8 +1114,10 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         w = t.median()
         lines.append(
             f"| {t.label} | {f1(w.busy_pct)} | {f1(w.steal_pct)} | {f2(w.wrk_cpu_s)} "
-            f"| {cpu_of(w, t is nimbus_t)} | {f2(unattributed(w, int(info['nproc'])))} |"
+            f"| {cpu_of(w, t.kind)} | {f2(unattributed(w, int(info['nproc'])))} |"
         )
+    lines += stack_section(nb, nimbus_t, targets)
+    lines += sls_section(nb, targets)
     lines += [
         "",
         f"## Cold start: {COLD_N} sequential requests, fresh connection each, "
@@ -855,12 +1186,14 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
             f"| {errors_of([w])} |"
         )
     diff = nb["solo_gateway"].p50_ms - nb["solo_api"].p50_ms
+    lines += [
+        "",
+        f"Gateway p50 minus API p50: {diff * 1000:+.0f} µs. Both call the same invoker.",
+    ]
+    lines += direct_section(nb)
     problems = server_problems(nb["server_log"])
     graceful = "Application shutdown complete" in nb["server_log"]
     lines += [
-        "",
-        f"Gateway p50 minus API p50: {diff * 1000:+.0f} µs. Both call the same invoker; "
-        "this is not the DESIGN's 'over calling the instance directly' figure.",
         "",
         "## Checks",
         "",
@@ -878,8 +1211,8 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         f"{nb['instances_left_hello-cold']}, heavy {nb['instances_left_heavy']}.",
         f"- unexpected bodies (sequential runs): warm {nb['seq_warm'].unexpected}, "
         f"hello-cold {nb['cold_hello-cold'].unexpected}, heavy {nb['cold_heavy'].unexpected}.",
-        "- functions-framework processes while serving: "
-        + "; ".join(f"{t.label}: {t.processes}" for t in peers)
+        "- peer processes while serving (process group): "
+        + "; ".join(f"{t.label}: {t.processes}" for t in peers if t.kind in ("ff", "sls"))
         + ".",
         f"- server log lines matching error/warning/traceback: {len(problems)}",
         "- instances that began an invocation before the previous one's REPORT was logged "
@@ -898,12 +1231,23 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         + ".",
     ]
     lines += [f"  - `{p[:200]}`" for p in problems[:10]]
+    if "granian_log" in nb:
+        g_problems = server_problems(nb["granian_log"])
+        lines.append(
+            "- Nimbus under granian: after SIGTERM, exit status "
+            f"{nb['granian_exit']}, graceful shutdown logged: "
+            f"{'Granian shutdown completed' in nb['granian_log']}; processes left running "
+            f"afterwards: {nb['granian_leftover']}; log lines matching error/warning/traceback: "
+            f"{len(g_problems)}."
+        )
+        lines += [f"  - `{p[:200]}`" for p in g_problems[:10]]
     lines += ["", "## Commands", ""]
     for t in targets:
         lines.append(f"- {t.label}: `{t.command}`")
     lines.append(f"- warm: `{cmd} <url>/function/hello`")
     lines.append(f"- one connection: `{nb['solo_gateway'].command}` and `{nb['solo_api'].command}`")
     lines.append(f"- sequential: `{nb['cold_heavy'].command}` (per function)")
+    lines.append(f"- gateway vs instance directly: `{nb['direct']['command']}`")
     return "\n".join(lines) + "\n"
 
 
@@ -943,7 +1287,7 @@ def main() -> int:
         text = report(info, nb)
         text += f"\nWhole run: {time.monotonic() - started:.0f} s.\n"
         (RESULTS / "latest.md").write_text(text)
-        raw = {"machine": info, "nimbus": {**nb, "server_log": None}}
+        raw = {"machine": info, "nimbus": {**nb, "server_log": None, "granian_log": None}}
         (RESULTS / "latest.json").write_text(json.dumps(to_json(raw), indent=2, default=str))
         wrk_raw = [
             f"## {t.label}, round {i + 1}\n{w.raw}"
