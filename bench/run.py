@@ -22,7 +22,10 @@ Phases:
    instance protocol (bench/direct_invoke.py, another process).
 4. Cold start: functions with ``keep_warm: 0`` (every request starts an instance),
    N sequential requests, each on a fresh connection, with a pause between them;
-   the ``REPORT ... Init Duration`` log lines confirm each one was cold.
+   the ``REPORT ... Init Duration`` log lines confirm each one was cold. Each new
+   instance is a fork of the version's function zygote (init once); then the same
+   with ``--no-function-zygotes`` (each instance imports its handler) and with
+   ``--insecure-no-sandbox``, each on its own ``nimbus up``.
 """
 
 from __future__ import annotations
@@ -877,23 +880,10 @@ def run_all(tmp: Path) -> dict[str, Any]:
         out["server_log"] = nimbus.proc.output()
         out["server_exit"] = nimbus.proc.p.returncode
         nimbus = None
+        log("nimbus --no-function-zygotes: the same cold starts, each instance importing itself")
+        out.update(cold_elsewhere(tmp, "--no-function-zygotes", "nozygote", cold_scaling))
         log("nimbus --insecure-no-sandbox: the same cold starts, unsandboxed")
-        plain = Nimbus(tmp, "--insecure-no-sandbox")
-        try:
-            plain.wait()
-            plain.deploy(hello_dir, name="hello-cold", scaling=cold_scaling)
-            plain.deploy(heavy_dir, name="heavy", scaling=cold_scaling)
-            for name in ("hello-cold", "heavy"):
-                out[f"plain_cold_{name}"] = seqclient(
-                    f"{plain.url}/function/{name}", COLD_N, COLD_PAUSE
-                )
-            out["plain_spaced_hello-cold"] = seqclient(
-                f"{plain.url}/function/hello-cold", SPACED_N, SPACED_PAUSE
-            )
-            for name in ("hello-cold", "heavy"):
-                out[f"plain_inits_{name}"] = init_durations(plain.reports(name))
-        finally:
-            out["plain_leftover"] = plain.stop()
+        out.update(cold_elsewhere(tmp, "--insecure-no-sandbox", "plain", cold_scaling, spaced=True))
     finally:
         for proc, _ in peers:
             proc.stop()
@@ -903,6 +893,33 @@ def run_all(tmp: Path) -> dict[str, Any]:
             out["leftover_instances"] = nimbus.stop()
             out["server_log"] = nimbus.proc.output()
             out["server_exit"] = nimbus.proc.p.returncode
+    return out
+
+
+def cold_elsewhere(
+    tmp: Path, flag: str, prefix: str, scaling: dict[str, Any], *, spaced: bool = False
+) -> dict[str, Any]:
+    """The cold starts again on a ``nimbus up <flag>`` of their own; keys ``<prefix>_…``."""
+    out: dict[str, Any] = {}
+    other = Nimbus(tmp, flag)
+    try:
+        other.wait()
+        for name, directory in (
+            ("hello-cold", FUNCTIONS / "hello"),
+            ("heavy", FUNCTIONS / "heavy"),
+        ):
+            other.deploy(directory, name=name, scaling=scaling)
+            out[f"{prefix}_cold_{name}"] = seqclient(
+                f"{other.url}/function/{name}", COLD_N, COLD_PAUSE
+            )
+        if spaced:
+            out[f"{prefix}_spaced_hello-cold"] = seqclient(
+                f"{other.url}/function/hello-cold", SPACED_N, SPACED_PAUSE
+            )
+        for name in ("hello-cold", "heavy"):
+            out[f"{prefix}_inits_{name}"] = init_durations(other.reports(name))
+    finally:
+        out[f"{prefix}_leftover"] = other.stop()
     return out
 
 
@@ -1135,6 +1152,12 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         ("hello (warm baseline, keep_warm 300)", nb["seq_warm"], None),
         ("hello-cold (hello, keep_warm 0), sandboxed", nb["cold_hello-cold"], "hello-cold"),
         ("heavy (stdlib imports, keep_warm 0), sandboxed", nb["cold_heavy"], "heavy"),
+        (
+            "hello-cold, sandboxed, `--no-function-zygotes`",
+            nb["nozygote_cold_hello-cold"],
+            "nozygote-hello-cold",
+        ),
+        ("heavy, sandboxed, `--no-function-zygotes`", nb["nozygote_cold_heavy"], "nozygote-heavy"),
         ("hello-cold, `--insecure-no-sandbox`", nb["plain_cold_hello-cold"], "plain-hello-cold"),
         ("heavy, `--insecure-no-sandbox`", nb["plain_cold_heavy"], "plain-heavy"),
     ]
@@ -1142,8 +1165,9 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         if name is None:
             cold_col = f"{nb['seq_warm_inits']} of {nb['seq_warm_reports']}"
             init_col = "-"
-        elif name.startswith("plain-"):
-            inits = nb[f"plain_inits_{name[6:]}"]
+        elif name.startswith(("plain-", "nozygote-")):
+            prefix, _, base = name.partition("-")
+            inits = nb[f"{prefix}_inits_{base}"]
             cold_col = f"{len(inits)} of {len(inits)}"
             init_col = f2(pct(inits, 50)) if inits else "n/a"
         else:

@@ -56,6 +56,9 @@ class Settings:
     #: Shells kept ready ahead of cold starts (sandboxed: two processes, a cgroup and
     #: namespaces each; unsandboxed: one forked process).
     sandbox_pool: int = 2
+    #: Fork instances from per-version function zygotes, so a function's init runs once
+    #: (sandboxed nodes; off: every instance imports its handler itself).
+    function_zygotes: bool = True
     #: Brokers that message triggers use when they name no ``url`` of their own
     #: (empty: the broker's standard port on 127.0.0.1).
     nats_url: str = ""

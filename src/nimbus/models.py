@@ -50,6 +50,9 @@ class ScalingSpec(BaseModel):
     max: int = Field(default=10, ge=1, le=1000)
     concurrency: int = Field(default=1, ge=1, le=1000)
     keep_warm: float = Field(default=300, ge=0, le=86400)
+    #: Seconds a version's function zygote outlives its last instance (0: it stops
+    #: with it); a new instance within that time is a fork, without the init.
+    zygote_keep_warm: float = Field(default=600, ge=0, le=86400)
 
 
 DESTINATION_RE = re.compile(r"^(function:[a-z][a-z0-9-]{0,62}|https?://\S+)$")

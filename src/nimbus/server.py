@@ -136,6 +136,7 @@ class Nimbus:
             max_zip_bytes=settings.max_zip_bytes,
             lifespan=self._lifespan,
             zygote_up=self.executor.zygote_up,
+            function_zygote_up=self.executor.function_zygote_up,
             async_invoker=self.async_invoker,
         )
         self.api.include_router(triggers_router(self.functions, self.schedules, self.events))
@@ -237,7 +238,7 @@ def build_launcher(settings: Settings) -> Launcher:
     from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
     from nimbus.executor.sandbox.network import EgressNetworks
     from nimbus.executor.sandbox.rootfs import build_rootfs
-    from nimbus.executor.sandbox.seccomp import compile_filter
+    from nimbus.executor.sandbox.seccomp import ZYGOTE_ALLOWED, compile_filter
 
     way_out = "; pass --insecure-no-sandbox to run instances unsandboxed (unsafe)"
     if os.geteuid() != 0:
@@ -258,17 +259,21 @@ def build_launcher(settings: Settings) -> Launcher:
     base.mkdir(parents=True, exist_ok=True)
     rootfs = build_rootfs(base, python)
     seccomp_path = base / "seccomp.bpf"
-    program = compile_filter()
-    if not seccomp_path.exists() or seccomp_path.read_bytes() != program:
-        tmp = seccomp_path.with_suffix(".tmp")
-        tmp.write_bytes(program)
-        tmp.replace(seccomp_path)
+    for path, program in (
+        (seccomp_path, compile_filter()),
+        (base / "seccomp-zygote.bpf", compile_filter(allow=ZYGOTE_ALLOWED)),
+    ):
+        if not path.exists() or path.read_bytes() != program:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(program)
+            tmp.replace(path)
     sandbox = Sandbox(
         rootfs=rootfs,
         cgroups=cgroups,
         seccomp_path=seccomp_path,
         egress=EgressNetworks(node_id),
         pool_size=settings.sandbox_pool,
+        function_zygotes=settings.function_zygotes,
     )
     zygote = Zygote(
         python,

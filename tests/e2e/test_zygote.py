@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from tests.support import NimbusServer
 
@@ -10,9 +12,78 @@ from tests.support import NimbusServer
 def test_forked_instances_never_share_random_state(server: NimbusServer) -> None:
     assert server.deploy("rng", name="zy-rng", scaling={"keep_warm": 0}).status_code == 201
     outs = [server.invoke("zy-rng").json() for _ in range(4)]  # a new instance each time
-    assert len({o["instance"] for o in outs}) == 4
     for key in ("random", "urandom", "uuid"):
         assert len({o[key] for o in outs}) == 4, key
+
+
+def concurrently(server: NimbusServer, name: str, events: list[dict[str, Any]]) -> list[Any]:
+    with ThreadPoolExecutor(len(events)) as pool:
+        responses = list(pool.map(lambda e: server.invoke(name, e), events))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json() for r in responses]
+
+
+def test_init_runs_once_and_instances_are_forks_of_the_function_zygote(
+    server: NimbusServer,
+) -> None:
+    assert server.deploy("zygote-probe", name="zy-fork").status_code == 201
+    outs = concurrently(server, "zy-fork", [{"sleep": 1.5, "touch": f"f{i}"} for i in range(3)])
+    # Three instances at once (each held its invocation), one init: the zygote's.
+    assert len({o["cgroup"] for o in outs}) == 3, "instances must have their own cgroups"
+    assert len({o["init"] for o in outs}) == 1
+    records = server.logs("zy-fork")
+    assert sum(r["message"].startswith("init ran:") for r in records) == 1
+    assert any("Phase: zygote\tStatus: success" in r["message"] for r in records)
+    for key in ("random", "urandom", "uuid"):
+        assert len({o[key] for o in outs}) == 3, f"{key} repeats between forks"
+    uid = server.client.get("/v1/functions/zy-fork").json()
+    for o in outs:
+        # Its own pid namespace (init is 1, the instance 2: no zygote, no neighbour),
+        # its own /tmp, the function's uid, and only its own descriptors: 0-2 the
+        # null device and its output pipe, 3 its socket, then what it opened itself.
+        assert o["pid"] == 2 and o["pids"] == [1, 2], o["pids"]
+        assert len(o["tmp"]) == 1, o["tmp"]
+        assert o["uid"] >= 100000
+        assert o["fds"]["0"] == "/dev/null" and o["fds"]["3"].startswith("socket:")
+        assert o["fds"]["1"].startswith("pipe:") and o["fds"]["1"] == o["fds"]["2"]
+        others = {fd: target for fd, target in o["fds"].items() if int(fd) > 3}
+        assert all(t.startswith("/proc/") for t in others.values()), others
+    assert uid["zygote"]["function"] is True
+
+
+def test_a_new_version_gets_a_new_zygote(server: NimbusServer) -> None:
+    assert server.deploy("zygote-probe", name="zy-version").status_code == 201
+    first = server.invoke("zy-version").json()
+    assert server.update("zy-version", {"environment": {"V": "2"}}).status_code == 200
+    second = server.invoke("zy-version").json()
+    assert second["version"] == "2"
+    assert first["init"] != second["init"], "the new version reused the old zygote"
+    records = server.logs("zy-version")
+    assert sum(r["message"].startswith("init ran:") for r in records) == 2
+
+
+def test_an_idle_zygote_stops_after_its_keep_warm(server: NimbusServer) -> None:
+    scaling = {"keep_warm": 0, "zygote_keep_warm": 1}
+    assert server.deploy("zygote-probe", name="zy-idle", scaling=scaling).status_code == 201
+    first = server.invoke("zy-idle").json()
+    again = server.invoke("zy-idle").json()  # within a second: a fork of the same zygote
+    assert again["init"] == first["init"]
+    deadline = time.monotonic() + 15
+    while server.client.get("/v1/functions/zy-idle").json()["zygote"]["function"]:
+        assert time.monotonic() < deadline, "the idle function zygote was never stopped"
+        time.sleep(0.2)
+    later = server.invoke("zy-idle").json()
+    assert later["init"] != first["init"]  # a new zygote ran the init again
+
+
+def test_a_failing_init_in_the_zygote_is_the_invocations_init_error(
+    server: NimbusServer,
+) -> None:
+    r = server.deploy("init-error", name="zy-init-error")
+    assert r.status_code == 201, r.text
+    r = server.invoke("zy-init-error")
+    assert r.headers.get("x-nimbus-function-error") == "Init", r.text
+    assert server.client.get("/v1/functions/zy-init-error").json()["zygote"]["function"] is False
 
 
 def test_common_stdlib_is_already_loaded_at_init(server: NimbusServer) -> None:
@@ -35,7 +106,7 @@ def test_report_lines_mark_cold_and_warm_starts_and_describe_counts_them(
     assert all(r.endswith("\tStart: warm") for r in reports[1:])
     desc = server.client.get("/v1/functions/zy-marks").json()
     assert desc["starts"] == {"cold": 1, "warm": 2}
-    assert desc["zygote"] == {"runtime": "python3.11", "up": True}
+    assert desc["zygote"] == {"runtime": "python3.11", "up": True, "function": True}
     assert desc["instances"]["warm"] == desc["instances"]["idle"] + desc["instances"]["busy"]
 
 

@@ -91,7 +91,8 @@ def test_start_kill_cycles_leave_nothing_behind(node: NimbusServer) -> None:
     zygote = zygote_pid(data)
     assert "zygote/main.py" in Path(f"/proc/{zygote}/cmdline").read_text()
 
-    deploy(node, "sec-cycles", timeout=1, scaling={"keep_warm": 0})
+    # keep_warm 0 for instances and for the function zygote: nothing should outlive a cycle.
+    deploy(node, "sec-cycles", timeout=1, scaling={"keep_warm": 0, "zygote_keep_warm": 0})
     marker = unique("nbcyc-")
     outcomes: Counter[str] = Counter()
     for n in range(CYCLES):

@@ -102,7 +102,10 @@ def test_cannot_read_another_functions_secrets_from_inherited_memory(
         + ["-----END PRIVATE KEY-----"]
     )
     environment = {"DB_HOST": "db.internal", "DB_USER": "app", "PRIVATE_KEY": key}
-    deploy(server, "sec-mem-victim", VICTIM, environment=environment, scaling={"keep_warm": 0})
+    # Each start of the victim in a sandbox of its own (with function zygotes: a new
+    # zygote each time, each made from a shell of the pool).
+    scaling = {"keep_warm": 0, "zygote_keep_warm": 0}
+    deploy(server, "sec-mem-victim", VICTIM, environment=environment, scaling=scaling)
     snapshot = {"ATTACK_SNAPSHOT": "1"}  # the attacker copies its memory first thing
 
     # Positive control: the attacker does find its *own* environment in memory it inherited.
@@ -153,7 +156,15 @@ def test_sees_only_its_own_processes(server: NimbusServer) -> None:
     assert not result["host_pid_visible"], f"the server's pid {host_pid} is visible"
     assert_denied(result["probe_host"], {"ESRCH"}, f"kill({host_pid}, 0)")
     assert_denied(result["kill_host"], {"ESRCH"}, f"kill({host_pid}, SIGKILL)")
-    assert_denied(result["kill_init"], {"EPERM"}, "kill(1, SIGKILL)")
+    if result["kill_init"]["ok"]:
+        # pid 1 (the instance's init) runs as the function's uid, so kill() is allowed,
+        # but the kernel drops it: a namespace's init gets no signal it has no handler
+        # for from inside. The same (warm) instance answers again: init is alive.
+        cold = server.client.get("/v1/functions/sec-procs").json()["starts"]["cold"]
+        assert attack(server, "sec-procs", {"attack": "hello"})["hello"] == "from the attacker"
+        assert server.client.get("/v1/functions/sec-procs").json()["starts"]["cold"] == cold
+    else:
+        assert_denied(result["kill_init"], {"EPERM"}, "kill(1, SIGKILL)")
     assert_denied(result["kill_everyone"], {"ESRCH", "EPERM"}, "kill(-1, SIGKILL)")
     assert server.proc.poll() is None, "the server died"
     assert_unharmed(server)
@@ -182,7 +193,8 @@ def test_has_no_privileges_to_gain(server: NimbusServer) -> None:
     assert result["walked"] > 100, f"the walk of / saw almost nothing: {result}"
     assert result["setuid_files"] == [], f"setuid/setgid files reachable: {result['setuid_files']}"
     for what in ("setuid0", "setgid0", "setresuid0", "setgroups0"):
-        assert_denied(result[what], {"EPERM"}, what)
+        # EINVAL: in a function zygote's user namespace, id 0 does not even exist.
+        assert_denied(result[what], {"EPERM", "EINVAL"}, what)
     assert not result["raise_nofile"]["ok"], f"raised RLIMIT_NOFILE: {result['raise_nofile']}"
     assert result["rlimits"]["nofile"] == [1024, 1024]
     assert result["rlimits"]["core"] == [0, 0]

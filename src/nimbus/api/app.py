@@ -75,6 +75,7 @@ def build_api(
     max_zip_bytes: int,
     lifespan: Lifespan | None = None,
     zygote_up: Callable[[], bool] = lambda: False,
+    function_zygote_up: Callable[[str], bool] = lambda _: False,
     async_invoker: AsyncInvoker | None = None,
 ) -> FastAPI:
     app = FastAPI(
@@ -142,7 +143,11 @@ def build_api(
                 "starting": counts.starting,
             },
             "starts": invoker.starts(record.name),
-            "zygote": {"runtime": v.spec.runtime, "up": zygote_up()},
+            "zygote": {
+                "runtime": v.spec.runtime,
+                "up": zygote_up(),
+                "function": function_zygote_up(record.name),
+            },
             "url": f"/function/{record.name}",
         }
         if versions is not None:

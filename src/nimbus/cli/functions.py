@@ -430,7 +430,9 @@ def describe(
         (
             "zygote",
             f"{_dict(fn.get('zygote')).get('runtime', '?')}: "
-            + ("up" if _dict(fn.get("zygote")).get("up") else "down"),
+            + ("up" if _dict(fn.get("zygote")).get("up") else "down")
+            + "; function zygote: "
+            + ("up" if _dict(fn.get("zygote")).get("function") else "down"),
         ),
         ("created", _when(fn.get("created_at"))),
         ("updated", _when(fn.get("updated_at"))),

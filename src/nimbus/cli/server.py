@@ -107,6 +107,15 @@ def up(
             help="Run instances as plain processes: no namespaces, cgroups, seccomp or own uid.",
         ),
     ] = False,
+    function_zygotes: Annotated[
+        bool | None,
+        typer.Option(
+            "--function-zygotes/--no-function-zygotes",
+            envvar="NIMBUS_FUNCTION_ZYGOTES",
+            help="Fork instances from per-version function zygotes (init once, fork many).",
+            show_default="on",
+        ),
+    ] = None,
     nats: Annotated[
         str | None,
         typer.Option(
@@ -182,6 +191,7 @@ def up(
         sandbox_pool=sandbox_pool,
         max_async_concurrency=max_async_concurrency,
         async_retention=async_retention,
+        function_zygotes=function_zygotes,
         nats_url=nats,
         redis_url=redis,
         mqtt_url=mqtt,

@@ -85,9 +85,33 @@ class Executor:
         self._max_log_bytes = max_log_bytes
         self._max_result = max_result
         self._reaping: set[asyncio.Task[None]] = set()
+        self._zygotes: dict[tuple[str, int], FunctionZygote] = {}
+        self._zygote_locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     async def start(self, version: Version) -> Instance:
-        """Start and initialise one instance; raise :class:`InitFailed` if its init fails."""
+        """Start and initialise one instance; raise :class:`InitFailed` if its init fails.
+
+        With function zygotes, the instance is a fork of its version's zygote (started
+        first if there is none: the function's init runs there, once)."""
+        if not self.function_zygotes:
+            return await self._start(version)
+        zygote = await self._zygote_for(version)
+        zygote.hold()  # counted from now: the zygote must not stop while it forks this one
+        try:
+            instance = await self._start(version, zygote_of=zygote)
+        except BaseException:
+            zygote.release()
+            raise
+        zygote.attach(instance)
+        return instance
+
+    async def _start(
+        self,
+        version: Version,
+        *,
+        zygote_of: FunctionZygote | None = None,
+        as_zygote: bool = False,
+    ) -> Instance:
         spec = version.spec
         runtime = self._runtimes[spec.runtime]
         instance_id = secrets.token_hex(6)
@@ -106,7 +130,7 @@ class Executor:
             )
         try:
             plan = LaunchPlan(
-                instance_id=f"{spec.name}-{instance_id}",
+                instance_id=f"{spec.name}-{'zygote-' if as_zygote else ''}{instance_id}",
                 function=spec.name,
                 argv=runtime.argv(child.fileno(), token),
                 env=env,
@@ -124,6 +148,8 @@ class Executor:
                     for t in spec.triggers
                     if t["type"] == "files" and t.get("mount")
                 ),
+                zygote=as_zygote,
+                zygote_of=zygote_of.launch_id if zygote_of is not None else "",
             )
             process = await self._launcher.launch(plan)
         except LaunchError as e:
@@ -193,6 +219,45 @@ class Executor:
             )
         return Instance(instance_id, version, process, channel, output, emit, init_ms)
 
+    # -- function zygotes ----------------------------------------------------------------
+    @property
+    def function_zygotes(self) -> bool:
+        """Whether instances are forked from per-version function zygotes."""
+        return bool(getattr(self._launcher, "function_zygotes", False))
+
+    async def _zygote_for(self, version: Version) -> FunctionZygote:
+        """The version's zygote, started (its init run) if it is not up."""
+        key = (version.name, version.number)
+        async with self._zygote_locks.setdefault(key, asyncio.Lock()):
+            zygote = self._zygotes.get(key)
+            if zygote is not None and zygote.alive:
+                return zygote
+            for other, old in list(self._zygotes.items()):
+                if other[0] == version.name and other != key:
+                    old.retire()  # a new version: the old zygote goes once its instances do
+            instance = await self._start(version, as_zygote=True)
+            launch_id = f"{version.name}-zygote-{instance.id}"
+            zygote = FunctionZygote(launch_id, instance, self._stop_zygote)
+            self._zygotes[key] = zygote
+            if instance._init_ms is not None:
+                instance._emit(
+                    "",
+                    f"INIT_REPORT Init Duration: {instance._init_ms:.2f} ms\tPhase: zygote\t"
+                    "Status: success",
+                )
+            return zygote
+
+    def _stop_zygote(self, zygote: FunctionZygote) -> None:
+        for key, known in list(self._zygotes.items()):
+            if known is zygote:
+                del self._zygotes[key]
+                self._zygote_locks.pop(key, None)
+        self._discard(zygote.instance.process, zygote.instance._channel)
+
+    def function_zygote_up(self, name: str) -> bool:
+        """Whether a function zygote of ``name`` (any version) is running."""
+        return any(key[0] == name and z.alive for key, z in self._zygotes.items())
+
     async def open(self) -> None:
         """Start the launcher (the zygote, when there is one)."""
         start = getattr(self._launcher, "start", None)
@@ -218,13 +283,18 @@ class Executor:
         return bool(zygote is not None and zygote.alive)
 
     async def forget(self, function: str) -> None:
-        """A function was deleted: let the launcher drop what it kept for it."""
+        """A function was deleted: its zygotes stop, and the launcher drops what it kept."""
+        for key, zygote in list(self._zygotes.items()):
+            if key[0] == function:
+                self._stop_zygote(zygote)
         forget = getattr(self._launcher, "forget", None)
         if forget is not None:
             await forget(function)
 
     async def close(self) -> None:
-        """Wait for background clean-ups, then close the launcher."""
+        """Stop the function zygotes, wait for background clean-ups, close the launcher."""
+        for zygote in list(self._zygotes.values()):
+            self._stop_zygote(zygote)
         if self._reaping:
             await asyncio.gather(*self._reaping, return_exceptions=True)
         await self._launcher.close()
@@ -258,3 +328,57 @@ async def _wait(process: InstanceProcess) -> int | None:
     except TimeoutError:
         process.kill()
         return process.returncode
+
+
+class FunctionZygote:
+    """A version's function zygote (started like an instance, serving forks instead of
+    invocations) and the instances forked from it.
+
+    It stops ``scaling.zygote_keep_warm`` seconds after its last instance did (at once
+    when it was retired by a newer version, or when that is 0); a new instance in
+    between keeps it.
+    """
+
+    def __init__(
+        self, launch_id: str, instance: Instance, stop: Callable[[FunctionZygote], None]
+    ) -> None:
+        self.launch_id = launch_id
+        self.instance = instance
+        self._stop = stop
+        self.live = 0
+        self.retired = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.instance.process.returncode is None and self.instance.alive
+
+    def hold(self) -> None:
+        """An instance is being forked: count it from now."""
+        self.live += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def attach(self, instance: Instance) -> None:
+        """The held instance started: count it until its process ends."""
+        waiting = asyncio.ensure_future(instance.process.wait())
+        waiting.add_done_callback(lambda _: self.release())
+
+    def release(self) -> None:
+        self.live -= 1
+        if self.live > 0:
+            return
+        keep_warm = self.instance.version.spec.scaling.zygote_keep_warm
+        if self.retired or keep_warm <= 0:
+            self._stop(self)
+        else:
+            loop = asyncio.get_running_loop()
+            self._idle = loop.call_later(keep_warm, self._stop, self)
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.live == 0:
+            if self._idle is not None:
+                self._idle.cancel()
+            self._stop(self)

@@ -48,6 +48,10 @@ class LaunchPlan:
     network: str
     #: Host directories mounted read-only in the sandbox: ``(host path, path inside)``.
     mounts: tuple[tuple[str, str], ...] = ()
+    #: Start a function zygote (init, then fork instances) rather than an instance.
+    zygote: bool = False
+    #: Fork this instance from the function zygote launched with this instance id.
+    zygote_of: str = ""
 
 
 class InstanceProcess(Protocol):

@@ -130,6 +130,29 @@ def load_seccomp_bpf(program: bytes) -> None:
     )
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def clear_capabilities() -> None:
+    """Drop every capability (effective, permitted, inheritable) of this thread: for a
+    process that keeps its uid (inside a user namespace), where a setuid cannot."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
 def last_cap() -> int:
     try:
         with open(CAP_LAST_CAP_FILE) as f:

@@ -103,8 +103,16 @@ CLONE_NAMESPACE_FLAGS: dict[str, int] = {
 _LOW_32 = 0xFFFFFFFF
 
 
-def compile_filter() -> bytes:
-    """Build the filter and return it as raw classic BPF (8 bytes an instruction)."""
+#: What a function zygote may still do that its instances may not: make the namespaces
+#: and mounts each forked instance gets (inside the zygote's own user namespace).
+ZYGOTE_ALLOWED = frozenset({"mount", "unshare"})
+
+
+def compile_filter(allow: frozenset[str] = frozenset()) -> bytes:
+    """Build the filter and return it as raw classic BPF (8 bytes an instruction).
+
+    ``allow``: blocked calls to leave out (:data:`ZYGOTE_ALLOWED` for a function
+    zygote; its instances stack the full filter on top)."""
     try:
         import pyseccomp as sc  # type: ignore[import-untyped]
     except (ImportError, RuntimeError) as exc:  # RuntimeError: libseccomp.so.2 missing
@@ -120,6 +128,8 @@ def compile_filter() -> bytes:
         f.set_attr(sc.Attr.CTL_OPTIMIZE, 2)
 
     for name in BLOCKED:
+        if name in allow:
+            continue
         # Negative: unknown to libseccomp, or not a syscall on this architecture.
         if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:
             f.add_rule(eperm, name)

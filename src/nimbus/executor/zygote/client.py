@@ -40,6 +40,8 @@ class Sandbox:
     nofile: int = 1024
     #: Shells kept ready (cgroup joined, namespaces made) so a cold start skips that work.
     pool_size: int = 2
+    #: Fork instances from per-version function zygotes (init once, fork many).
+    function_zygotes: bool = True
 
 
 #: How long a spawn may wait for the zygote to report the instance's pid.
@@ -321,9 +323,16 @@ class ZygoteLauncher:
     def layer_root(self, layer_dir: Path) -> str:
         return "/opt/python" if self._sandbox else str(layer_dir)
 
+    @property
+    def function_zygotes(self) -> bool:
+        """Instances are forks of per-version function zygotes (sandboxed nodes only)."""
+        return self._sandbox is not None and self._sandbox.function_zygotes
+
     async def launch(self, plan: LaunchPlan) -> ZygoteProcess:
         if not self._zygote.alive:
             await self._zygote.start()  # it died: a new one, once
+        if plan.zygote_of:
+            return await self._fork(plan)
         box: dict[str, Any] | None = None
         if self._sandbox is not None:
             sb = self._sandbox
@@ -349,6 +358,7 @@ class ZygoteLauncher:
             "id": plan.instance_id,
             "task_root": self.task_root(plan.code_dir),
             "sandbox": box,
+            "zygote": plan.zygote,
         }
         fds = [plan.sock_fd, plan.output_fd]
         netns_fd = -1
@@ -367,6 +377,23 @@ class ZygoteLauncher:
                 os.close(netns_fd)
         cgroups = self._sandbox.cgroups if self._sandbox is not None and cgroup else None
         return ZygoteProcess(pid, exited, name=cgroup, cgroups=cgroups)
+
+    async def _fork(self, plan: LaunchPlan) -> ZygoteProcess:
+        """An instance forked from function zygote ``plan.zygote_of``, in its own pid,
+        mount, uts, ipc (and, without egress, network) namespaces and its own cgroup."""
+        assert self._sandbox is not None
+        limits = Limits.for_memory_mb(plan.memory_mb)
+        box = {
+            "tmp_mb": plan.tmp_mb,
+            "hostname": plan.function[:63],
+            "memory_bytes": limits.memory_bytes,
+            "cpu_weight": limits.cpu_weight,
+            "pids_max": limits.pids_max,
+            "netns": plan.network == "egress",
+        }
+        msg = {"op": "fork", "id": plan.instance_id, "zygote": plan.zygote_of, "sandbox": box}
+        pid, cgroup, exited = await self._zygote.spawn(msg, [plan.sock_fd, plan.output_fd])
+        return ZygoteProcess(pid, exited, name=cgroup, cgroups=self._sandbox.cgroups)
 
     async def forget(self, function: str) -> None:
         """A function was deleted: drop what was kept for it (its egress namespace)."""

@@ -39,7 +39,8 @@ import secrets
 import selectors
 import signal
 import socket
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from typing import Any
 
 from nimbus.executor.sandbox import linux
@@ -50,6 +51,7 @@ PRELOAD = (
     "nimbus.runtimes.python.bootstrap",
     "nimbus.executor.sandbox.enter",
     "nimbus.executor.sandbox.cgroups",
+    "nimbus.executor.zygote.function",
     "array",
     "fcntl",
     "importlib",
@@ -148,9 +150,20 @@ class _Proc:
     failed: str = ""
     child_reaped: bool = False
     init_reaped: bool = False
+    #: A function zygote: the control socket to it (see nimbus.executor.zygote.function).
+    ctl: socket.socket | None = None
+    #: An instance forked by a function zygote: its report socket, and its cgroup's
+    #: ``cgroup.procs`` files (it is moved there once it reports its pid).
+    rep: socket.socket | None = None
+    procs_files: list[str] = field(default_factory=list)
+    forked: bool = False
+    #: The function's uid (a function zygote's user namespace maps it to itself).
+    uid: int = 0
 
     @property
     def finished(self) -> bool:
+        if self.rep is not None or self.forked:
+            return self.rep is None  # a forked instance: its report socket closed
         # The report pipe is drained, the zygote's child reaped, and (sandboxed) init too.
         if self.report_fd != -1 or not self.child_reaped:
             return False
@@ -192,6 +205,13 @@ class Zygote:
         rec = self.pool.pop(0) if self.pool else self.new_shell(idle=False)
         rec.id = msg["id"]
         assert rec.go is not None
+        theirs = None
+        if msg.get("zygote"):
+            rec.uid = int(msg["sandbox"]["uid"])
+            rec.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            rec.ctl.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self.sel.register(rec.ctl, selectors.EVENT_READ, ("zygote", rec))
+            fds = [*fds, theirs.fileno()]
         try:
             socket.send_fds(rec.go, [json.dumps(msg).encode()], fds)
         except OSError as e:
@@ -199,7 +219,10 @@ class Zygote:
         rec.go.close()
         rec.go = None
         for fd in fds:
-            os.close(fd)
+            if theirs is None or fd != theirs.fileno():
+                os.close(fd)
+        if theirs is not None:
+            theirs.close()
         if rec.failed:
             self._fail(rec)
         elif rec.pid:
@@ -288,6 +311,105 @@ class Zygote:
             elif kind == b"S":
                 rec.status = value
 
+    # -- function zygotes ---------------------------------------------------------------------
+    def fork(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """Ask function zygote ``msg["zygote"]`` for an instance. ``fds``: its socket and
+        its output pipe."""
+        from nimbus.executor.sandbox.cgroups import Limits
+
+        box = msg["sandbox"]
+        rec = _Proc(sandboxed=True, id=msg["id"], cgroup=next(self.names), forked=True)
+        self.procs.append(rec)
+        zygote = next((p for p in self.procs if p.id == msg["zygote"] and p.ctl), None)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if zygote is None or zygote.ctl is None:
+                raise OSError("the function zygote is gone")
+            limits = Limits(box["memory_bytes"], box["cpu_weight"], box["pids_max"])
+            rec.procs_files = self.cgroups.create(rec.cgroup, limits)
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            socket.send_fds(
+                zygote.ctl,
+                [json.dumps({"op": "fork", "box": box}).encode()],
+                [*fds, theirs.fileno()],
+            )
+        except OSError as e:
+            rec.failed = f"could not fork the function zygote: {e}"
+            ours.close()
+        else:
+            rec.rep = ours
+            self.sel.register(ours, selectors.EVENT_READ, ("rep", rec))
+        finally:
+            theirs.close()
+            for fd in fds:
+                os.close(fd)
+        if rec.rep is None:
+            self._fail(rec)
+            self._maybe_finished(rec)
+
+    def _receive(self, sock: socket.socket) -> tuple[bytes, int]:
+        """One message and its sender's pid; at the end (b"", 0), the socket closed."""
+        try:
+            data, ancillary, _, _ = sock.recvmsg(64, socket.CMSG_SPACE(12))
+        except OSError:
+            data, ancillary = b"", []
+        if not data:
+            self.sel.unregister(sock)
+            sock.close()
+            return b"", 0
+        return data, _sender_pid(ancillary)
+
+    def on_zygote(self, rec: _Proc) -> None:
+        """A function zygote asks for its user namespace's id maps (once)."""
+        assert rec.ctl is not None
+        data, pid = self._receive(rec.ctl)
+        if not data:
+            rec.ctl = None
+            return
+        if data == b"U" and pid:
+            uid = rec.uid
+            try:
+                with open(f"/proc/{pid}/setgroups", "w") as f:
+                    f.write("deny")
+                with open(f"/proc/{pid}/uid_map", "w") as f:
+                    f.write(f"{uid} {uid} 1")
+                with open(f"/proc/{pid}/gid_map", "w") as f:
+                    f.write(f"{uid} {uid} 1")
+                rec.ctl.send(b"M")
+            except OSError as e:
+                print(f"nimbus zygote: cannot map {pid}: {e}", file=sys.stderr, flush=True)
+                rec.ctl.send(b"X")
+
+    def on_rep(self, rec: _Proc) -> None:
+        """An instance forked by a function zygote: its pid (to move into its cgroup), its
+        end."""
+        assert rec.rep is not None
+        data, sender = self._receive(rec.rep)
+        if not data:
+            rec.rep = None
+            if not rec.announced:
+                rec.failed = rec.failed or "the function zygote could not start the instance"
+            self._maybe_finished(rec)
+            return
+        if data[:1] == b"P":
+            pid = sender
+            try:
+                for path in rec.procs_files:
+                    with open(path, "w") as f:
+                        f.write(str(pid))
+                rec.rep.send(b"G")
+            except OSError as e:
+                rec.failed = f"could not move the instance into its cgroup: {e}"
+                with contextlib.suppress(OSError):
+                    rec.rep.send(b"X")
+                return
+            rec.pid = pid
+            self.by_pid[pid] = rec
+            rec.announced = True
+            self.send({"spawned": rec.id, "pid": pid, "cgroup": rec.cgroup})
+        elif data[:1] == b"S" and len(data) >= spawn.REPORT.size:
+            rec.status = spawn.REPORT.unpack_from(data)[1]
+
     # -- reaping -------------------------------------------------------------------------------
     def reap(self) -> None:
         while True:
@@ -315,6 +437,13 @@ class Zygote:
         if not rec.finished or rec not in self.procs:
             return
         self.procs.remove(rec)
+        if rec.forked:
+            self.by_pid.pop(rec.pid, None)
+        if rec.ctl is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(rec.ctl)
+            rec.ctl.close()
+            rec.ctl = None
         if rec in self.pool:
             self.pool.remove(rec)
         if rec.go is not None:
@@ -364,6 +493,10 @@ class Zygote:
                         while os.read(wake_r, 512):
                             pass
                     self.reap()
+                elif isinstance(key.data, tuple) and key.data[0] == "zygote":
+                    self.on_zygote(key.data[1])
+                elif isinstance(key.data, tuple):
+                    self.on_rep(key.data[1])
                 else:
                     self.on_report(key.fd)
 
@@ -382,9 +515,19 @@ class Zygote:
             sys.stdout.flush()
             sys.stderr.flush()
             self.spawn(msg, fds)
+        elif msg.get("op") == "fork" and len(fds) == 2 and self.cgroups is not None:
+            self.fork(msg, fds)
         else:
             for fd in fds:
                 os.close(fd)
+
+
+def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The sender's pid, in our pid namespace, from SCM_CREDENTIALS (0 if absent)."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            return int(struct.unpack("=iII", data[:12])[0])
+    return 0
 
 
 def probe() -> str | None:
@@ -432,6 +575,10 @@ def main() -> None:
     if seccomp_path:
         with open(seccomp_path, "rb") as f:
             seccomp_bpf = f.read()
+        zygote_filter = os.path.join(os.path.dirname(seccomp_path), "seccomp-zygote.bpf")
+        if os.path.exists(zygote_filter):
+            with open(zygote_filter, "rb") as f:
+                spawn.ZYGOTE_BPF.append(f.read())
         sandbox_error = probe()
         if sandbox_error is None:
             from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect

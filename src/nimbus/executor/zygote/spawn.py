@@ -30,15 +30,18 @@ Reports go up a pipe: ``b"P" + pid``, ``b"S" + wait status``,
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import struct
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from nimbus.executor.sandbox.cgroups import CgroupDriver
@@ -166,7 +169,7 @@ def _wait_for_go(
 ) -> None:
     """A shell's waiting process: receive a function, become its instance. Never returns."""
     try:
-        data, fds, _, _ = socket.recv_fds(go_sock, 1 << 20, 3)
+        data, fds, _, _ = socket.recv_fds(go_sock, 1 << 20, 4)
         if not data or len(fds) < 2:
             os._exit(0)  # the zygote retired this shell
         go_sock.close()
@@ -175,12 +178,15 @@ def _wait_for_go(
         os.dup2(out_fd, 2)
         _idle_priority(False)
         spec = json.loads(data)
+        ctl = socket.socket(fileno=fds.pop()) if spec.get("zygote") else None
         netns_fd = fds[2] if len(fds) > 2 else None
         if cgroups is not None:
-            _enter_sandbox(name, spec["sandbox"], cgroups, seccomp_bpf, netns_fd)
+            _enter_sandbox(name, spec["sandbox"], cgroups, seccomp_bpf, netns_fd, zygote_ctl=ctl)
     except BaseException:
         traceback.print_exc()
         os._exit(1)
+    if ctl is not None:
+        _run_function_zygote(spec, sock_fd, out_fd, ctl, base_path, seccomp_bpf)
     _run_instance(spec, sock_fd, out_fd, base_path)
 
 
@@ -190,7 +196,11 @@ def _enter_sandbox(
     cgroups: CgroupDriver,
     seccomp_bpf: bytes | None,
     netns_fd: int | None,
+    *,
+    zygote_ctl: socket.socket | None = None,
 ) -> None:
+    """The function's half of the sandbox; a function zygote (``zygote_ctl``) ends in a
+    user namespace of its own, with the zygote's seccomp filter, instead."""
     from nimbus.executor.sandbox import enter, linux
     from nimbus.executor.sandbox.cgroups import Limits
 
@@ -208,16 +218,70 @@ def _enter_sandbox(
         mounts=[(m[0], m[1]) for m in box.get("mounts", ())],
     )
     linux.sethostname(box["hostname"])
+    if zygote_ctl is not None:
+        from nimbus.executor.zygote import function
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (box["fsize"], box["fsize"]))
+        function.enter_user_namespace(zygote_ctl, box["uid"])
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+        if ZYGOTE_BPF:
+            linux.load_seccomp_bpf(ZYGOTE_BPF[0])
+        return
     enter.drop_privileges(
         uid=box["uid"], gid=box["uid"], fsize=box["fsize"], seccomp_bpf=seccomp_bpf
     )
 
 
+#: The function zygotes' seccomp filter (set by the zygote's main at start).
+ZYGOTE_BPF: list[bytes] = []
+
+
+def _run_function_zygote(
+    spec: dict[str, Any],
+    sock_fd: int,
+    out_fd: int,
+    ctl: socket.socket,
+    base_path: list[str],
+    strict_bpf: bytes | None,
+) -> None:
+    """A function zygote: init (the handler's import) as an instance would, answer
+    READY, then fork instances on request (see :mod:`.function`). Never returns."""
+    from nimbus.executor.zygote import function
+
+    def body() -> None:
+        # Out of the way of 0-3 first (any of the received descriptors may be there),
+        # then at 4.
+        raw = ctl.detach()
+        high = fcntl.fcntl(raw, fcntl.F_DUPFD, 64)
+        os.close(raw)
+        standard_fds(sock_fd, out_fd, keep={high})
+        os.dup2(high, 4)
+        os.close(high)
+        bootstrap, token = _become_function(spec, base_path)
+        function._BOOTSTRAP.append(bootstrap)
+        if bootstrap.serve(3, token, init_only=True):
+            function.serve_forks(socket.socket(fileno=4), 3, strict_bpf, base_path)
+
+    leave_as_a_program(body)
+
+
 def _run_instance(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path: list[str]) -> None:
     """Serve, then leave the way a Python program would. Never returns."""
+
+    def body() -> None:
+        standard_fds(sock_fd, out_fd)
+        bootstrap, token = _become_function(spec, base_path)
+        bootstrap.serve(3, token)
+
+    leave_as_a_program(body)
+
+
+def leave_as_a_program(body: Callable[[], object]) -> NoReturn:
+    """Run ``body``, then exit as a Python program would: the code of a ``SystemExit``,
+    1 after any other exception (its traceback printed), output flushed."""
     code = 1
     try:
-        _become_instance(spec, sock_fd, out_fd, base_path)
+        body()
         code = 0
     except SystemExit as e:
         code = exit_code(e)
@@ -231,23 +295,37 @@ def _run_instance(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path: li
             os._exit(code)
 
 
-def _become_instance(spec: dict[str, Any], sock_fd: int, out_fd: int, base_path: list[str]) -> None:
-    """Final steps shared by both modes: fds 0-3, environment, sys.path, then serve."""
+def standard_fds(sock_fd: int, out_fd: int, keep: set[int] | None = None) -> None:
+    """An instance's descriptors: 0 the null device, 1 and 2 its output pipe, 3 its
+    socket (and ``keep``); every other one closed."""
     devnull = os.open("/dev/null", os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     if sock_fd != 3:
         os.dup2(sock_fd, 3)
-    close_fds_except({0, 1, 2, 3})
-    os.chdir(spec["task_root"])
-    bootstrap = sys.modules["nimbus.runtimes.python.bootstrap"]
-    private = bootstrap.read_spec(3)  # env and token: never seen by the zygote
+    close_fds_except({0, 1, 2, 3} | (keep or set()))
+
+
+def private_spec(bootstrap: Any) -> bytes:
+    """Read the SPEC frame on fd 3 and take its environment; the token.
+
+    Environment and token arrive on the instance's own socket, never through the
+    runtime zygote, whose memory every later fork inherits."""
+    private = bootstrap.read_spec(3)
     os.environ.clear()
     os.environ.update(private["env"])
-    # Nothing of Nimbus is importable from the function: only the stdlib remains.
+    return str(private["token"]).encode()
+
+
+def _become_function(spec: dict[str, Any], base_path: list[str]) -> tuple[Any, bytes]:
+    """The function's directory, environment and sys.path; nothing of Nimbus importable
+    from here on (only the stdlib remains). The runtime shim and the token."""
+    os.chdir(spec["task_root"])
+    bootstrap = sys.modules["nimbus.runtimes.python.bootstrap"]
+    token = private_spec(bootstrap)
     sys.path[:] = base_path
     for name in [m for m in sys.modules if m == "nimbus" or m.startswith("nimbus.")]:
         del sys.modules[name]
     random.seed()  # a fork shares the zygote's random state: never reuse it
-    bootstrap.serve(3, str(private["token"]).encode())
+    return bootstrap, token

@@ -73,10 +73,13 @@ def main(argv: list[str]) -> None:
     serve(int(argv[1]), argv[2].encode())
 
 
-def serve(fd: int, token: bytes) -> None:
+def serve(fd: int, token: bytes, *, init_only: bool = False) -> bool:
     """Initialise the handler and serve invocations on socket ``fd`` until it closes.
 
-    Called by :func:`main`, or directly in a process forked from a zygote.
+    Called by :func:`main`, or directly in a process forked from a zygote. With
+    ``init_only`` (a function zygote), return after ``READY`` (True) or
+    ``INIT_ERROR`` (False): its forks call this again, and find the handler's module
+    already imported.
     """
     import array
     import fcntl
@@ -96,7 +99,7 @@ def serve(fd: int, token: bytes) -> None:
     env = os.environ
     task_root = env.get("LAMBDA_TASK_ROOT", os.getcwd())
     layer = env.get("NIMBUS_LAYER_ROOT", "")
-    sys.path[:0] = [task_root] + ([layer] if layer else [])
+    sys.path[:0] = [p for p in [task_root] + ([layer] if layer else []) if p not in sys.path]
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
@@ -152,7 +155,11 @@ def serve(fd: int, token: bytes) -> None:
     )
     handler_log.formatter.converter = time.gmtime  # type: ignore[union-attr]
     handler_log.addFilter(_RequestIdFilter())
-    logging.getLogger().addHandler(handler_log)
+    root_logger = logging.getLogger()
+    for old in [h for h in root_logger.handlers if getattr(h, "nimbus", False)]:
+        root_logger.removeHandler(old)  # a function zygote's, inherited by this fork
+    handler_log.nimbus = True  # type: ignore[attr-defined]
+    root_logger.addHandler(handler_log)
     logging.getLogger().setLevel(logging.INFO)
 
     # -- init: import the handler module once --------------------------------
@@ -200,9 +207,12 @@ def serve(fd: int, token: bytes) -> None:
             }
         ).encode()
         send(INIT_ERROR | end_of_output(), bytes(16), init_s, 0, body)
-        return
+        return False
     init_s = time.perf_counter() - started
     send(READY | end_of_output(), bytes(16), init_s, 0, b"")
+    if init_only:
+        sock.detach()  # the socket stays open: its end tells the zygote to stop
+        return True
 
     # -- invoke loop ------------------------------------------------------------
     ctx_base = {
@@ -217,7 +227,7 @@ def serve(fd: int, token: bytes) -> None:
     while True:
         head = rfile.read(hsize)
         if len(head) < hsize:
-            return  # the executor closed our socket: we are done
+            return True  # the executor closed our socket: we are done
         length, kind, rid_raw, deadline, _ = HEADER.unpack(head)
         body = rfile.read(length) if length else b""
         if kind != INVOKE:

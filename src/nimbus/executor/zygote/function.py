@@ -1,0 +1,208 @@
+"""Function zygotes: a function's init runs once, and its instances are forks of it.
+
+A function zygote starts like an instance (a shell's waiter gets *go*: cgroup,
+egress namespace, the function's root), but instead of dropping to the
+function's uid on the host directly it enters a **user namespace** of its own,
+where the function's uid is the only id (mapped to itself by the runtime zygote,
+which is root) and where it keeps capabilities. It then imports the handler module
+(the function's init, once), answers ``READY`` on its socket like an instance, and
+serves *fork* requests::
+
+    function zygote ─fork─► C: unshare(pid|mount|uts|ipc[|net]) ─fork─► init; C exits
+
+    init (pid 1 of the instance's own pid namespace): reports its pid (the runtime
+      zygote reads it from the socket's credentials, moves it into the instance's own
+      cgroup, answers), mounts its own /tmp and /proc, sets its hostname, brings up
+      loopback, drops every capability, stacks the full seccomp filter
+      ─fork─► instance: closes every file descriptor of the zygote's, reseeds
+      ``random``, reads its SPEC frame and serves (the handler module is already
+      imported); init reaps zombies and reports the instance's wait status.
+
+The zygote runs with a seccomp filter that still allows ``mount`` and ``unshare``;
+its mount namespace belongs to the host's user namespace, so it cannot change its
+own mounts, only those of namespaces it makes. Everything here is standard library
+and runs in forks of the runtime zygote.
+
+Messages on the zygote's control socket (``SOCK_SEQPACKET``, from the runtime
+zygote): ``b"U"`` → (map written) ``b"M"`` once; then JSON ``{"op": "fork", "box":
+{...}}`` with three fds: the instance's socket, its output pipe, its report socket.
+On the report socket init sends ``b"P"`` (its credentials carry its pid), the
+runtime zygote answers ``b"G"`` (go) or ``b"X"`` (give up); init sends
+``b"S" + wait status`` when the instance ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
+
+from nimbus.executor.sandbox import enter, linux
+from nimbus.executor.zygote.spawn import (
+    REPORT,
+    close_fds_except,
+    leave_as_a_program,
+    private_spec,
+    standard_fds,
+)
+
+#: The instance's namespaces (a network namespace too, unless the function's egress
+#: namespace is shared).
+INSTANCE_NAMESPACES = (
+    linux.CLONE_NEWPID | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+)
+
+
+def enter_user_namespace(ctl: socket.socket, uid: int) -> None:
+    """Become the function's uid in a user namespace of our own, keeping capabilities
+    there. The runtime zygote writes the id maps (``uid uid 1``) when asked."""
+    os.setgroups([])  # while still root: supplementary groups cannot be dropped later
+    linux.unshare(linux.CLONE_NEWUSER)
+    ctl.send(b"U")
+    if ctl.recv(16) != b"M":
+        raise RuntimeError("the runtime zygote did not map the user namespace")
+    # Until now this process had the host root's credentials; with the map in place,
+    # these make it the function's uid on the host too (and keep its capabilities in
+    # the namespace: 0 is not mapped, so this is no change away from root).
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def serve_forks(
+    ctl: socket.socket, own_sock: int, strict_bpf: bytes | None, base_path: list[str]
+) -> None:
+    """The zygote's loop after its init: fork an instance per request. Never returns."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the C processes report for themselves
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ, "ctl")
+    sel.register(own_sock, selectors.EVENT_READ, "own")
+    while True:
+        for key, _ in sel.select():
+            if key.data == "own":
+                # The server closed the zygote's socket (or wrote to it: never): stop.
+                try:
+                    data = os.read(own_sock, 1)
+                except OSError:
+                    data = b""
+                if not data:
+                    os._exit(0)
+                continue
+            try:
+                data, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 3)
+            except InterruptedError:
+                continue
+            if not data:
+                os._exit(0)  # the runtime zygote is gone
+            if len(fds) != 3:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            msg = json.loads(data)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _instance_parent(msg["box"], fds, strict_bpf, base_path)
+            for fd in fds:
+                os.close(fd)
+
+
+def _instance_parent(
+    box: dict[str, Any], fds: list[int], strict_bpf: bytes | None, base_path: list[str]
+) -> None:
+    """C: new namespaces for the instance, fork its init, leave. Never returns."""
+    sock_fd, out_fd, report_fd = fds
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        close_fds_except({sock_fd, out_fd, report_fd})
+        flags = INSTANCE_NAMESPACES | (0 if box.get("netns") else linux.CLONE_NEWNET)
+        linux.unshare(flags)
+        if os.fork() == 0:
+            _init(box, sock_fd, out_fd, report_fd, strict_bpf, base_path)
+    finally:
+        os._exit(0)  # init is reparented; its report socket says how the instance ends
+
+
+def _init(
+    box: dict[str, Any],
+    sock_fd: int,
+    out_fd: int,
+    report_fd: int,
+    strict_bpf: bytes | None,
+    base_path: list[str],
+) -> None:
+    """pid 1 of the instance's pid namespace: set the namespace up, fork the instance,
+    reap zombies, report the instance's status. Never returns."""
+    try:
+        os.dup2(out_fd, 2)  # from here on, a failure is in the instance's logs
+        os.write(report_fd, b"P")  # the credentials carry our pid
+        if os.read(report_fd, 1) != b"G":
+            os._exit(1)
+        linux.mount(
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            linux.MS_NOSUID | linux.MS_NODEV,
+            f"size={box['tmp_mb']}m,mode=1777",
+        )
+        linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        linux.sethostname(box["hostname"])
+        if not box.get("netns"):
+            enter.loopback_up()
+        for cap in range(linux.last_cap() + 1):
+            linux.prctl(linux.PR_CAPBSET_DROP, cap)
+        linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+        linux.clear_capabilities()
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+        if strict_bpf:
+            linux.load_seccomp_bpf(strict_bpf)
+        instance = os.fork()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    if instance == 0:
+        os.close(report_fd)
+        _instance(sock_fd, out_fd)
+    os.close(sock_fd)
+    os.close(out_fd)
+    devnull = os.open("/dev/null", os.O_RDWR)
+    os.dup2(devnull, 2)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(0)
+        if pid == instance:
+            try:
+                os.write(report_fd, REPORT.pack(b"S", status))
+            finally:
+                os._exit(0)  # pid 1 leaving takes every other process of the namespace
+
+
+def _instance(sock_fd: int, out_fd: int) -> None:
+    """The instance itself (pid 2). Never returns."""
+
+    def body() -> None:
+        standard_fds(sock_fd, out_fd)
+        random.seed()  # a fork shares the zygote's random state: never reuse it
+        bootstrap = _bootstrap()
+        bootstrap.serve(3, private_spec(bootstrap))
+
+    leave_as_a_program(body)
+
+
+_BOOTSTRAP: list[Any] = []
+
+
+def _bootstrap() -> Any:
+    """The runtime shim module (kept: Nimbus's modules leave ``sys.modules`` before the
+    function's init, so that the function cannot import them)."""
+    return _BOOTSTRAP[0] if _BOOTSTRAP else sys.modules["nimbus.runtimes.python.bootstrap"]
