@@ -10,10 +10,12 @@ serves *fork* requests::
 
     function zygote ─fork─► C: unshare(pid|mount|uts|ipc[|net]) ─fork─► init; C exits
 
-    init (pid 1 of the instance's own pid namespace): reports its pid (the runtime
-      zygote reads it from the socket's credentials, moves it into the instance's own
-      cgroup, answers), mounts its own /tmp and /proc, sets its hostname, brings up
-      loopback, drops every capability, stacks the full seccomp filter
+    init (pid 1 of the instance's own pid namespace), ahead of demand: reports its
+      pid (the runtime zygote reads it from the socket's credentials and moves it
+      into the instance's own cgroup: slow on cgroup v1, so done before any request
+      needs it), then waits for *go* (the instance's socket and output pipe);
+      on go: mounts its own /tmp and /proc, sets its hostname, brings up loopback,
+      drops every capability, stacks the full seccomp filter
       ─fork─► instance: closes every file descriptor of the zygote's, reseeds
       ``random``, reads its SPEC frame and serves (the handler module is already
       imported); init reaps zombies and reports the instance's wait status.
@@ -24,11 +26,13 @@ own mounts, only those of namespaces it makes. Everything here is standard libra
 and runs in forks of the runtime zygote.
 
 Messages on the zygote's control socket (``SOCK_SEQPACKET``, from the runtime
-zygote): ``b"U"`` → (map written) ``b"M"`` once; then JSON ``{"op": "fork", "box":
-{...}}`` with three fds: the instance's socket, its output pipe, its report socket.
-On the report socket init sends ``b"P"`` (its credentials carry its pid), the
-runtime zygote answers ``b"G"`` (go) or ``b"X"`` (give up); init sends
-``b"S" + wait status`` when the instance ends.
+zygote): ``b"U"`` → (map written) ``b"M"`` once; then JSON ``{"op": "shell",
+"netns": bool}`` with one fd, the shell's report socket (``netns``: share the
+zygote's egress network namespace instead of a new one). On the report socket init
+sends ``b"P"`` (its credentials carry its pid); the runtime zygote sends *go*,
+``{"box": {"tmp_mb", "hostname"}}`` with the instance's socket and output pipe (or
+closes the socket: retired); init sends ``b"S" + wait status`` when the instance
+ends.
 """
 
 from __future__ import annotations
@@ -74,10 +78,9 @@ def enter_user_namespace(ctl: socket.socket, uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
-def serve_forks(
-    ctl: socket.socket, own_sock: int, strict_bpf: bytes | None, base_path: list[str]
-) -> None:
-    """The zygote's loop after its init: fork an instance per request. Never returns."""
+def serve_forks(ctl: socket.socket, own_sock: int, strict_bpf: bytes | None) -> None:
+    """The zygote's loop after its init: fork an instance shell per request. Never
+    returns."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the C processes report for themselves
     sel = selectors.DefaultSelector()
     sel.register(ctl, selectors.EVENT_READ, "ctl")
@@ -94,12 +97,12 @@ def serve_forks(
                     os._exit(0)
                 continue
             try:
-                data, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 3)
+                data, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 1)
             except InterruptedError:
                 continue
             if not data:
                 os._exit(0)  # the runtime zygote is gone
-            if len(fds) != 3:
+            if len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
                 continue
@@ -108,42 +111,35 @@ def serve_forks(
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _instance_parent(msg["box"], fds, strict_bpf, base_path)
-            for fd in fds:
-                os.close(fd)
+                _instance_parent(bool(msg.get("netns")), fds[0], strict_bpf)
+            os.close(fds[0])
 
 
-def _instance_parent(
-    box: dict[str, Any], fds: list[int], strict_bpf: bytes | None, base_path: list[str]
-) -> None:
-    """C: new namespaces for the instance, fork its init, leave. Never returns."""
-    sock_fd, out_fd, report_fd = fds
+def _instance_parent(shared_net: bool, report_fd: int, strict_bpf: bytes | None) -> None:
+    """C: new namespaces for an instance, fork its init, leave. Never returns."""
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        close_fds_except({sock_fd, out_fd, report_fd})
-        flags = INSTANCE_NAMESPACES | (0 if box.get("netns") else linux.CLONE_NEWNET)
-        linux.unshare(flags)
+        close_fds_except({report_fd})
+        linux.unshare(INSTANCE_NAMESPACES | (0 if shared_net else linux.CLONE_NEWNET))
         if os.fork() == 0:
-            _init(box, sock_fd, out_fd, report_fd, strict_bpf, base_path)
+            _init(shared_net, report_fd, strict_bpf)
     finally:
         os._exit(0)  # init is reparented; its report socket says how the instance ends
 
 
-def _init(
-    box: dict[str, Any],
-    sock_fd: int,
-    out_fd: int,
-    report_fd: int,
-    strict_bpf: bytes | None,
-    base_path: list[str],
-) -> None:
-    """pid 1 of the instance's pid namespace: set the namespace up, fork the instance,
-    reap zombies, report the instance's status. Never returns."""
+def _init(shared_net: bool, report_fd: int, strict_bpf: bytes | None) -> None:
+    """pid 1 of an instance's pid namespace, made ahead of demand: wait for *go*, set
+    the namespace up, fork the instance, reap zombies, report the instance's status.
+    Never returns."""
     try:
+        report = socket.socket(fileno=report_fd)
+        report.send(b"P")  # the credentials carry our pid; we are moved into our cgroup
+        data, fds, _, _ = socket.recv_fds(report, 1 << 16, 2)
+        if not data or len(fds) != 2:
+            os._exit(0)  # retired unused (or the runtime zygote is gone)
+        sock_fd, out_fd = fds
         os.dup2(out_fd, 2)  # from here on, a failure is in the instance's logs
-        os.write(report_fd, b"P")  # the credentials carry our pid
-        if os.read(report_fd, 1) != b"G":
-            os._exit(1)
+        box = json.loads(data)["box"]
         linux.mount(
             "tmpfs",
             "/tmp",
@@ -153,7 +149,7 @@ def _init(
         )
         linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
         linux.sethostname(box["hostname"])
-        if not box.get("netns"):
+        if not shared_net:
             enter.loopback_up()
         for cap in range(linux.last_cap() + 1):
             linux.prctl(linux.PR_CAPBSET_DROP, cap)
@@ -167,7 +163,7 @@ def _init(
         traceback.print_exc()
         os._exit(1)
     if instance == 0:
-        os.close(report_fd)
+        report.close()
         _instance(sock_fd, out_fd)
     os.close(sock_fd)
     os.close(out_fd)
@@ -182,7 +178,7 @@ def _init(
             os._exit(0)
         if pid == instance:
             try:
-                os.write(report_fd, REPORT.pack(b"S", status))
+                report.send(REPORT.pack(b"S", status))
             finally:
                 os._exit(0)  # pid 1 leaving takes every other process of the namespace
 

@@ -40,11 +40,15 @@ import selectors
 import signal
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from nimbus.executor.sandbox import linux
 from nimbus.executor.zygote import spawn
+
+#: Instance shells each function zygote keeps ready (forked, in their own cgroup).
+FUNCTION_POOL = 1
 
 #: Imported here once so that every instance starts with them loaded (shared pages).
 PRELOAD = (
@@ -159,6 +163,16 @@ class _Proc:
     forked: bool = False
     #: The function's uid (a function zygote's user namespace maps it to itself).
     uid: int = 0
+    #: A function zygote: its sandbox (limits, egress), its instance shells ready (in
+    #: their cgroups) and being made, and fork requests waiting for one.
+    box: dict[str, Any] = field(default_factory=dict)
+    shells: list[_Proc] = field(default_factory=list)
+    making: int = 0
+    waiting: list[tuple[dict[str, Any], list[int]]] = field(default_factory=list)
+    #: An instance shell: its function zygote; whether it is in its cgroup.
+    zygote: _Proc | None = None
+    ready: bool = False
+    in_making: bool = False
 
     @property
     def finished(self) -> bool:
@@ -192,6 +206,11 @@ class Zygote:
         self.by_report: dict[int, _Proc] = {}
         self.pool: list[_Proc] = []
         self.names = (f"shell-{secrets.token_hex(4)}-{n}" for n in itertools.count())
+        #: Short-lived children moving an instance shell into its cgroup: pid → shell.
+        self.moving: dict[int, _Proc] = {}
+        self.movers: dict[int, int] = {}
+        #: Cgroups of shells that died unused, removed once empty: (name, give up at).
+        self.unused_cgroups: list[tuple[str, float]] = []
 
     def send(self, msg: dict[str, Any]) -> None:
         # If the server is gone, the loop notices on its next read.
@@ -208,6 +227,7 @@ class Zygote:
         theirs = None
         if msg.get("zygote"):
             rec.uid = int(msg["sandbox"]["uid"])
+            rec.box = msg["sandbox"]
             rec.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             rec.ctl.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             self.sel.register(rec.ctl, selectors.EVENT_READ, ("zygote", rec))
@@ -313,39 +333,107 @@ class Zygote:
 
     # -- function zygotes ---------------------------------------------------------------------
     def fork(self, msg: dict[str, Any], fds: list[int]) -> None:
-        """Ask function zygote ``msg["zygote"]`` for an instance. ``fds``: its socket and
-        its output pipe."""
+        """An instance of function zygote ``msg["zygote"]``: a ready shell of it gets *go*
+        with ``fds`` (its socket and output pipe); without one, the request waits for the
+        next shell."""
+        zygote = next((p for p in self.procs if p.id == msg["zygote"] and p.ctl), None)
+        if zygote is None:
+            for fd in fds:
+                os.close(fd)
+            self.send({"failed": msg["id"], "error": "the function zygote is gone"})
+            return
+        if zygote.shells:
+            self._go(zygote.shells.pop(0), msg, fds)
+        else:
+            zygote.waiting.append((msg, fds))
+        self.refill_zygote(zygote)
+
+    def refill_zygote(self, zygote: _Proc) -> None:
+        """Keep FUNCTION_POOL shells of ``zygote`` ready, plus one per waiting request."""
+        while zygote.ctl is not None and len(zygote.shells) + zygote.making < FUNCTION_POOL + len(
+            zygote.waiting
+        ):
+            if not self._make_shell(zygote):
+                return
+
+    def _make_shell(self, zygote: _Proc) -> bool:
+        """Ask ``zygote`` to fork an instance shell, in a new cgroup of the function's size."""
         from nimbus.executor.sandbox.cgroups import Limits
 
-        box = msg["sandbox"]
-        rec = _Proc(sandboxed=True, id=msg["id"], cgroup=next(self.names), forked=True)
-        self.procs.append(rec)
-        zygote = next((p for p in self.procs if p.id == msg["zygote"] and p.ctl), None)
+        assert zygote.ctl is not None
+        box = zygote.box
+        rec = _Proc(sandboxed=True, cgroup=next(self.names), forked=True, zygote=zygote)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            if zygote is None or zygote.ctl is None:
-                raise OSError("the function zygote is gone")
             limits = Limits(box["memory_bytes"], box["cpu_weight"], box["pids_max"])
             rec.procs_files = self.cgroups.create(rec.cgroup, limits)
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            socket.send_fds(
-                zygote.ctl,
-                [json.dumps({"op": "fork", "box": box}).encode()],
-                [*fds, theirs.fileno()],
-            )
+            request = json.dumps({"op": "shell", "netns": bool(box.get("netns"))}).encode()
+            socket.send_fds(zygote.ctl, [request], [theirs.fileno()])
         except OSError as e:
-            rec.failed = f"could not fork the function zygote: {e}"
             ours.close()
-        else:
-            rec.rep = ours
-            self.sel.register(ours, selectors.EVENT_READ, ("rep", rec))
+            self._zygote_failed(zygote, f"could not make an instance of the function zygote: {e}")
+            self.remove_cgroup(rec.cgroup)
+            return False
         finally:
             theirs.close()
+        rec.rep = ours
+        self.procs.append(rec)
+        self.sel.register(ours, selectors.EVENT_READ, ("rep", rec))
+        zygote.making += 1
+        rec.in_making = True
+        return True
+
+    def _zygote_failed(self, zygote: _Proc, error: str) -> None:
+        """The zygote could not make a shell: the oldest waiting request fails (not all:
+        the next shell may work)."""
+        if zygote.waiting:
+            msg, fds = zygote.waiting.pop(0)
             for fd in fds:
                 os.close(fd)
-        if rec.rep is None:
+            self.send({"failed": msg["id"], "error": error})
+
+    def _go(self, rec: _Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        """Hand a request to a ready shell: it becomes the instance."""
+        assert rec.rep is not None
+        rec.id = msg["id"]
+        try:
+            go = json.dumps({"box": msg["sandbox"]}).encode()
+            socket.send_fds(rec.rep, [go], fds)
+        except OSError as e:
+            rec.failed = f"the instance shell is gone: {e}"
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if rec.failed:
             self._fail(rec)
-            self._maybe_finished(rec)
+            return
+        rec.announced = True
+        self.send({"spawned": rec.id, "pid": rec.pid, "cgroup": rec.cgroup})
+
+    def _made(self, rec: _Proc) -> None:
+        """``rec`` no longer counts as a shell being made (ready, or failed)."""
+        if rec.zygote is not None and rec.in_making:
+            rec.in_making = False
+            rec.zygote.making -= 1
+
+    def _shell_ready(self, rec: _Proc, moved: bool) -> None:
+        """A shell's move into its cgroup finished (the mover process exited)."""
+        zygote = rec.zygote
+        assert zygote is not None
+        self._made(rec)
+        if not moved:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(rec.pid, signal.SIGKILL)
+            self._zygote_failed(zygote, "could not move an instance into its cgroup")
+            return
+        rec.ready = True
+        if zygote.waiting:
+            msg, fds = zygote.waiting.pop(0)
+            self._go(rec, msg, fds)
+        else:
+            zygote.shells.append(rec)
+        self.refill_zygote(zygote)
 
     def _receive(self, sock: socket.socket) -> tuple[bytes, int]:
         """One message and its sender's pid; at the end (b"", 0), the socket closed."""
@@ -365,6 +453,8 @@ class Zygote:
         data, pid = self._receive(rec.ctl)
         if not data:
             rec.ctl = None
+            while rec.waiting:
+                self._zygote_failed(rec, "the function zygote exited")
             return
         if data == b"U" and pid:
             uid = rec.uid
@@ -376,39 +466,60 @@ class Zygote:
                 with open(f"/proc/{pid}/gid_map", "w") as f:
                     f.write(f"{uid} {uid} 1")
                 rec.ctl.send(b"M")
+                self.refill_zygote(rec)  # queued until its init is done
             except OSError as e:
                 print(f"nimbus zygote: cannot map {pid}: {e}", file=sys.stderr, flush=True)
                 rec.ctl.send(b"X")
 
     def on_rep(self, rec: _Proc) -> None:
-        """An instance forked by a function zygote: its pid (to move into its cgroup), its
-        end."""
+        """An instance shell of a function zygote: its pid (it is then moved into its
+        cgroup by a short-lived child, so that the slow write blocks nobody), its end."""
         assert rec.rep is not None
         data, sender = self._receive(rec.rep)
         if not data:
             rec.rep = None
-            if not rec.announced:
+            zygote = rec.zygote
+            if zygote is not None and rec in zygote.shells:
+                zygote.shells.remove(rec)
+            elif zygote is not None and not rec.ready:
+                self._made(rec)
+                self._zygote_failed(zygote, "the function zygote could not make an instance")
+            if rec.id and not rec.announced:
                 rec.failed = rec.failed or "the function zygote could not start the instance"
+            if not rec.id:
+                self.remove_cgroup(rec.cgroup)
             self._maybe_finished(rec)
             return
-        if data[:1] == b"P":
-            pid = sender
-            try:
-                for path in rec.procs_files:
-                    with open(path, "w") as f:
-                        f.write(str(pid))
-                rec.rep.send(b"G")
-            except OSError as e:
-                rec.failed = f"could not move the instance into its cgroup: {e}"
-                with contextlib.suppress(OSError):
-                    rec.rep.send(b"X")
-                return
-            rec.pid = pid
-            self.by_pid[pid] = rec
-            rec.announced = True
-            self.send({"spawned": rec.id, "pid": pid, "cgroup": rec.cgroup})
+        if data[:1] == b"P" and sender:
+            rec.pid = sender
+            self.by_pid[sender] = rec
+            mover = os.fork()
+            if mover == 0:
+                try:
+                    for path in rec.procs_files:
+                        with open(path, "w") as f:
+                            f.write(str(sender))
+                finally:
+                    os._exit(0 if os.path.exists(f"/proc/{sender}") else 1)
+            self.movers[mover] = rec.pid
+            self.moving[mover] = rec
         elif data[:1] == b"S" and len(data) >= spawn.REPORT.size:
             rec.status = spawn.REPORT.unpack_from(data)[1]
+
+    def remove_cgroup(self, name: str) -> None:
+        """Remove a cgroup nobody will use, once its processes are gone (retried)."""
+        self.unused_cgroups.append((name, time.monotonic() + 10))
+
+    def sweep_cgroups(self) -> None:
+        keep = []
+        for name, until in self.unused_cgroups:
+            try:
+                done = self.cgroups.remove(name)
+            except OSError:
+                done = False
+            if not done and time.monotonic() < until:
+                keep.append((name, until))
+        self.unused_cgroups = keep
 
     # -- reaping -------------------------------------------------------------------------------
     def reap(self) -> None:
@@ -419,6 +530,13 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            moved = self.moving.pop(pid, None)
+            if moved is not None:
+                self.movers.pop(pid, None)
+                ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+                if moved.rep is not None:
+                    self._shell_ready(moved, ok)
+                continue
             rec = self.by_pid.pop(pid, None)
             if rec is None:
                 continue
@@ -444,6 +562,8 @@ class Zygote:
                 self.sel.unregister(rec.ctl)
             rec.ctl.close()
             rec.ctl = None
+        while rec.waiting:
+            self._zygote_failed(rec, "the function zygote exited")
         if rec in self.pool:
             self.pool.remove(rec)
         if rec.go is not None:
@@ -481,7 +601,13 @@ class Zygote:
         while True:
             # Block only when the pool is full; otherwise refill whenever no message waits
             # (the shell does its work at idle priority, so this costs the zygote one fork).
-            events = self.sel.select(0 if len(self.pool) < self.pool_size else None)
+            if len(self.pool) < self.pool_size:
+                timeout: float | None = 0
+            else:
+                timeout = 0.05 if self.unused_cgroups else None
+            events = self.sel.select(timeout)
+            if self.unused_cgroups:
+                self.sweep_cgroups()
             if not events:
                 self.refill()
                 continue

@@ -260,7 +260,7 @@ def _run_function_zygote(
         bootstrap, token = _become_function(spec, base_path)
         function._BOOTSTRAP.append(bootstrap)
         if bootstrap.serve(3, token, init_only=True):
-            function.serve_forks(socket.socket(fileno=4), 3, strict_bpf, base_path)
+            function.serve_forks(socket.socket(fileno=4), 3, strict_bpf)
 
     leave_as_a_program(body)
 
