@@ -70,9 +70,12 @@ def node_cgroups(data_dir: Path) -> list[str]:
     found = []
     for hierarchy in ("memory", "cpu", "pids", "unified", ""):
         root = Path("/sys/fs/cgroup") / hierarchy
-        if root.is_dir():
-            found += [str(p) for p in root.rglob(f"nimbus-{node_id}*") if p.is_dir()]
-    return found
+        # os.walk, not rglob: other tests' cgroups come and go while we look.
+        for directory, subdirs, _ in os.walk(root):
+            found += [
+                os.path.join(directory, d) for d in subdirs if d.startswith(f"nimbus-{node_id}")
+            ]
+    return sorted(set(found))
 
 
 def remove_cgroups(data_dir: Path) -> None:

@@ -183,6 +183,7 @@ class Functions:
         self._changed(spec.name)
         self._scheduler.retire(spec.name, keep=record.current.number)
         self._scheduler.ensure(record.current)
+        self._scheduler.prepare(record.current)
         return record
 
 

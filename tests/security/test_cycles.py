@@ -81,7 +81,9 @@ def what_is_left(data: Path, zygote: int) -> str | None:
 def node(tmp_path: Path) -> Iterator[NimbusServer]:
     """A server of its own: the test looks at every process and cgroup of the node."""
     with running(tmp_path / "data") as s:
-        deploy(s, NEIGHBOUR, "hello")
+        # No function zygote made ahead for it: the node must hold only what the test
+        # expects (the runtime zygote and its ready sandboxes).
+        deploy(s, NEIGHBOUR, "hello", scaling={"zygote_keep_warm": 0})
         yield s
 
 

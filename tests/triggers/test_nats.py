@@ -555,9 +555,11 @@ def test_a_nimbus_restart_mid_stream_loses_nothing(case: Case, tmp_path: Path) -
         )
         got = records(second, fn)
         duplicates = len(got) - count
-        # The message whose invocation was killed came back from JetStream.
+        # The message whose invocation was killed came back from JetStream. (Its first
+        # delivery may be missing from the logs: they are written in batches every
+        # 50 ms, and the first server was killed; so a duplicate may not show in `got`.)
         assert any(r["deliveryCount"] >= 2 for r in got), got
-        assert 1 <= duplicates <= 3, got  # at most what was in flight, plus one waiting
+        assert 0 <= duplicates <= 3, got  # at most what was in flight, plus one waiting
         second.client.delete(f"/v1/functions/{fn}")
 
 

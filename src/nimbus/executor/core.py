@@ -10,6 +10,7 @@ choice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -247,6 +248,21 @@ class Executor:
                 )
             return zygote
 
+    def prepare(self, version: Version) -> None:
+        """A version was published: start its function zygote now (as Lambda SnapStart
+        initialises at publish), so that even its first request is a fork. Not when
+        its zygote would stop at once (``zygote_keep_warm: 0``)."""
+        if not self.function_zygotes or version.spec.scaling.zygote_keep_warm <= 0:
+            return
+
+        async def prewarm() -> None:
+            with contextlib.suppress(InitFailed):  # in the function's logs; retried on use
+                (await self._zygote_for(version)).idle_if_unused()
+
+        task = asyncio.get_running_loop().create_task(prewarm())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
     def _stop_zygote(self, zygote: FunctionZygote) -> None:
         for key, known in list(self._zygotes.items()):
             if known is zygote:
@@ -352,6 +368,12 @@ class FunctionZygote:
     @property
     def alive(self) -> bool:
         return self.instance.process.returncode is None and self.instance.alive
+
+    def idle_if_unused(self) -> None:
+        """Started ahead of any instance: count its keep-warm time from now."""
+        if self.live == 0 and self._idle is None and not self.retired:
+            keep_warm = self.instance.version.spec.scaling.zygote_keep_warm
+            self._idle = asyncio.get_running_loop().call_later(keep_warm, self._stop, self)
 
     def hold(self) -> None:
         """An instance is being forked: count it from now."""

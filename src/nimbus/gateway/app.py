@@ -88,6 +88,7 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
 async def send_response(
     send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> None:
-    """One complete ASGI response."""
+    """One complete ASGI response, with its length (not chunked)."""
+    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

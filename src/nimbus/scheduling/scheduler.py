@@ -239,6 +239,13 @@ class Scheduler:
         if version.spec.scaling.min > 0:
             self._pool(version)
 
+    def prepare(self, version: Version) -> None:
+        """A version was just published: let the executor get ready for its first
+        instance (its function zygote)."""
+        prepare = getattr(self._executor, "prepare", None)
+        if prepare is not None:
+            prepare(version)
+
     async def tick(self) -> None:
         """Apply one round of scaling decisions (the loop calls this every second)."""
         now = self._clock()

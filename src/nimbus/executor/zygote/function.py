@@ -10,15 +10,16 @@ serves *fork* requests::
 
     function zygote ─fork─► C: unshare(pid|mount|uts|ipc[|net]) ─fork─► init; C exits
 
-    init (pid 1 of the instance's own pid namespace), ahead of demand: reports its
-      pid (the runtime zygote reads it from the socket's credentials and moves it
-      into the instance's own cgroup: slow on cgroup v1, so done before any request
-      needs it), then waits for *go* (the instance's socket and output pipe);
-      on go: mounts its own /tmp and /proc, sets its hostname, brings up loopback,
+    init (pid 1 of the instance's own pid namespace), all ahead of demand and at idle
+      CPU priority: reports its pid (the runtime zygote reads it from the socket's
+      credentials and moves it into the instance's own cgroup: slow on cgroup v1),
+      then mounts its own /tmp and /proc, sets its hostname, brings up loopback,
       drops every capability, stacks the full seccomp filter
-      ─fork─► instance: closes every file descriptor of the zygote's, reseeds
-      ``random``, reads its SPEC frame and serves (the handler module is already
-      imported); init reaps zombies and reports the instance's wait status.
+      ─fork─► instance-to-be (pid 2): reports ready, waits for *go* (its socket and
+      output pipe; the runtime zygote restores its priority first), then closes every
+      file descriptor of the zygote's, reseeds ``random``, reads its SPEC frame and
+      serves (the handler module is already imported); init reaps zombies and
+      reports the instance's wait status.
 
 The zygote runs with a seccomp filter that still allows ``mount`` and ``unshare``;
 its mount namespace belongs to the host's user namespace, so it cannot change its
@@ -27,11 +28,12 @@ and runs in forks of the runtime zygote.
 
 Messages on the zygote's control socket (``SOCK_SEQPACKET``, from the runtime
 zygote): ``b"U"`` → (map written) ``b"M"`` once; then JSON ``{"op": "shell",
-"netns": bool}`` with one fd, the shell's report socket (``netns``: share the
-zygote's egress network namespace instead of a new one). On the report socket init
-sends ``b"P"`` (its credentials carry its pid); the runtime zygote sends *go*,
-``{"box": {"tmp_mb", "hostname"}}`` with the instance's socket and output pipe (or
-closes the socket: retired); init sends ``b"S" + wait status`` when the instance
+"netns", "idle", "tmp_mb", "hostname"}`` with one fd, the shell's report socket
+(``netns``: share the zygote's egress network namespace instead of a new one). On
+the report socket init sends ``b"P"`` (its credentials carry its pid), the runtime
+zygote answers ``b"M"`` once it is in its cgroup; the instance-to-be sends ``b"R"``
+(its pid), and later gets *go*, ``{"id"}`` with its socket and output pipe (or the
+socket closes: retired); init sends ``b"S" + wait status`` when the instance
 ends.
 """
 
@@ -111,45 +113,46 @@ def serve_forks(ctl: socket.socket, own_sock: int, strict_bpf: bytes | None) -> 
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _instance_parent(bool(msg.get("netns")), fds[0], strict_bpf)
+                _instance_parent(msg, fds[0], strict_bpf)
             os.close(fds[0])
 
 
-def _instance_parent(shared_net: bool, report_fd: int, strict_bpf: bytes | None) -> None:
+def _instance_parent(shell: dict[str, Any], report_fd: int, strict_bpf: bytes | None) -> None:
     """C: new namespaces for an instance, fork its init, leave. Never returns."""
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         close_fds_except({report_fd})
+        if shell.get("idle"):
+            # Made ahead of demand: never in the way of a cold start in progress (the
+            # runtime zygote, root, gives the instance its normal priority back on go).
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        shared_net = bool(shell.get("netns"))
         linux.unshare(INSTANCE_NAMESPACES | (0 if shared_net else linux.CLONE_NEWNET))
         if os.fork() == 0:
-            _init(shared_net, report_fd, strict_bpf)
+            _init(shell, report_fd, strict_bpf)
     finally:
         os._exit(0)  # init is reparented; its report socket says how the instance ends
 
 
-def _init(shared_net: bool, report_fd: int, strict_bpf: bytes | None) -> None:
-    """pid 1 of an instance's pid namespace, made ahead of demand: wait for *go*, set
-    the namespace up, fork the instance, reap zombies, report the instance's status.
-    Never returns."""
+def _init(shell: dict[str, Any], report_fd: int, strict_bpf: bytes | None) -> None:
+    """pid 1 of an instance's pid namespace, made ahead of demand: once in its cgroup,
+    set the namespace up and fork the instance-to-be, then reap zombies and report the
+    instance's status. Never returns."""
     try:
         report = socket.socket(fileno=report_fd)
-        report.send(b"P")  # the credentials carry our pid; we are moved into our cgroup
-        data, fds, _, _ = socket.recv_fds(report, 1 << 16, 2)
-        if not data or len(fds) != 2:
-            os._exit(0)  # retired unused (or the runtime zygote is gone)
-        sock_fd, out_fd = fds
-        os.dup2(out_fd, 2)  # from here on, a failure is in the instance's logs
-        box = json.loads(data)["box"]
+        report.send(b"P")  # the credentials carry our pid: we are moved into our cgroup
+        if report.recv(16) != b"M":
+            os._exit(0)  # retired unused, or the move failed
         linux.mount(
             "tmpfs",
             "/tmp",
             "tmpfs",
             linux.MS_NOSUID | linux.MS_NODEV,
-            f"size={box['tmp_mb']}m,mode=1777",
+            f"size={shell['tmp_mb']}m,mode=1777",
         )
         linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-        linux.sethostname(box["hostname"])
-        if not shared_net:
+        linux.sethostname(shell["hostname"])
+        if not shell.get("netns"):
             enter.loopback_up()
         for cap in range(linux.last_cap() + 1):
             linux.prctl(linux.PR_CAPBSET_DROP, cap)
@@ -163,10 +166,7 @@ def _init(shared_net: bool, report_fd: int, strict_bpf: bytes | None) -> None:
         traceback.print_exc()
         os._exit(1)
     if instance == 0:
-        report.close()
-        _instance(sock_fd, out_fd)
-    os.close(sock_fd)
-    os.close(out_fd)
+        _wait_for_go(report)
     devnull = os.open("/dev/null", os.O_RDWR)
     os.dup2(devnull, 2)
     while True:
@@ -183,8 +183,22 @@ def _init(shared_net: bool, report_fd: int, strict_bpf: bytes | None) -> None:
                 os._exit(0)  # pid 1 leaving takes every other process of the namespace
 
 
+def _wait_for_go(report: socket.socket) -> None:
+    """The instance-to-be (pid 2): say it is ready, wait for *go* (its socket and output
+    pipe), serve. Never returns."""
+    try:
+        report.send(b"R")  # the credentials carry our pid: the one to prioritise on go
+        data, fds, _, _ = socket.recv_fds(report, 1 << 16, 2)
+        if not data or len(fds) != 2:
+            os._exit(0)  # retired unused, or the runtime zygote is gone
+        report.close()
+    except BaseException:
+        os._exit(1)
+    _instance(*fds)
+
+
 def _instance(sock_fd: int, out_fd: int) -> None:
-    """The instance itself (pid 2). Never returns."""
+    """The instance itself. Never returns."""
 
     def body() -> None:
         standard_fds(sock_fd, out_fd)

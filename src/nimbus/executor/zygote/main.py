@@ -173,6 +173,8 @@ class _Proc:
     zygote: _Proc | None = None
     ready: bool = False
     in_making: bool = False
+    #: An instance shell's instance-to-be (pid 2 of its namespace), on the host.
+    worker: int = 0
 
     @property
     def finished(self) -> bool:
@@ -208,7 +210,6 @@ class Zygote:
         self.names = (f"shell-{secrets.token_hex(4)}-{n}" for n in itertools.count())
         #: Short-lived children moving an instance shell into its cgroup: pid → shell.
         self.moving: dict[int, _Proc] = {}
-        self.movers: dict[int, int] = {}
         #: Cgroups of shells that died unused, removed once empty: (name, give up at).
         self.unused_cgroups: list[tuple[str, float]] = []
 
@@ -368,7 +369,16 @@ class Zygote:
             limits = Limits(box["memory_bytes"], box["cpu_weight"], box["pids_max"])
             rec.procs_files = self.cgroups.create(rec.cgroup, limits)
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            request = json.dumps({"op": "shell", "netns": bool(box.get("netns"))}).encode()
+            request = json.dumps(
+                {
+                    "op": "shell",
+                    "netns": bool(box.get("netns")),
+                    "tmp_mb": box["tmp_mb"],
+                    "hostname": box["hostname"],
+                    # Ahead of demand, at idle priority; for a waiting request, at once.
+                    "idle": not zygote.waiting,
+                }
+            ).encode()
             socket.send_fds(zygote.ctl, [request], [theirs.fileno()])
         except OSError as e:
             ours.close()
@@ -398,8 +408,10 @@ class Zygote:
         assert rec.rep is not None
         rec.id = msg["id"]
         try:
-            go = json.dumps({"box": msg["sandbox"]}).encode()
-            socket.send_fds(rec.rep, [go], fds)
+            for pid in (rec.pid, rec.worker):
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+            socket.send_fds(rec.rep, [json.dumps({"id": rec.id}).encode()], fds)
         except OSError as e:
             rec.failed = f"the instance shell is gone: {e}"
         finally:
@@ -417,16 +429,23 @@ class Zygote:
             rec.in_making = False
             rec.zygote.making -= 1
 
-    def _shell_ready(self, rec: _Proc, moved: bool) -> None:
+    def _moved(self, rec: _Proc, moved: bool) -> None:
         """A shell's move into its cgroup finished (the mover process exited)."""
+        assert rec.zygote is not None and rec.rep is not None
+        if moved:
+            with contextlib.suppress(OSError):
+                rec.rep.send(b"M")
+                return
+        self._made(rec)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(rec.pid, signal.SIGKILL)
+        self._zygote_failed(rec.zygote, "could not move an instance into its cgroup")
+
+    def _shell_ready(self, rec: _Proc) -> None:
+        """A shell is set up and its instance-to-be waits for *go*."""
         zygote = rec.zygote
         assert zygote is not None
         self._made(rec)
-        if not moved:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(rec.pid, signal.SIGKILL)
-            self._zygote_failed(zygote, "could not move an instance into its cgroup")
-            return
         rec.ready = True
         if zygote.waiting:
             msg, fds = zygote.waiting.pop(0)
@@ -501,8 +520,10 @@ class Zygote:
                             f.write(str(sender))
                 finally:
                     os._exit(0 if os.path.exists(f"/proc/{sender}") else 1)
-            self.movers[mover] = rec.pid
             self.moving[mover] = rec
+        elif data[:1] == b"R" and sender and rec.zygote is not None:
+            rec.worker = sender
+            self._shell_ready(rec)
         elif data[:1] == b"S" and len(data) >= spawn.REPORT.size:
             rec.status = spawn.REPORT.unpack_from(data)[1]
 
@@ -532,10 +553,9 @@ class Zygote:
                 return
             moved = self.moving.pop(pid, None)
             if moved is not None:
-                self.movers.pop(pid, None)
                 ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
                 if moved.rep is not None:
-                    self._shell_ready(moved, ok)
+                    self._moved(moved, ok)
                 continue
             rec = self.by_pid.pop(pid, None)
             if rec is None:
