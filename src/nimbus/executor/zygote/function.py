@@ -184,29 +184,25 @@ def _init(shell: dict[str, Any], report_fd: int, strict_bpf: bytes | None) -> No
 
 
 def _wait_for_go(report: socket.socket) -> None:
-    """The instance-to-be (pid 2): say it is ready, wait for *go* (its socket and output
-    pipe), serve. Never returns."""
+    """The instance-to-be (pid 2): get as far as it can without its socket (the runtime
+    shim up to its init, which the zygote already did), say it is ready, wait for *go*
+    (its socket and output pipe), serve. Never returns."""
     try:
         report.send(b"R")  # the credentials carry our pid: the one to prioritise on go
+    except BaseException:
+        os._exit(1)
+    bootstrap = _bootstrap()
+
+    def connect() -> tuple[int, bytes]:
         data, fds, _, _ = socket.recv_fds(report, 1 << 16, 2)
         if not data or len(fds) != 2:
             os._exit(0)  # retired unused, or the runtime zygote is gone
         report.close()
-    except BaseException:
-        os._exit(1)
-    _instance(*fds)
-
-
-def _instance(sock_fd: int, out_fd: int) -> None:
-    """The instance itself. Never returns."""
-
-    def body() -> None:
-        standard_fds(sock_fd, out_fd)
+        standard_fds(fds[0], fds[1])
         random.seed()  # a fork shares the zygote's random state: never reuse it
-        bootstrap = _bootstrap()
-        bootstrap.serve(3, private_spec(bootstrap))
+        return 3, private_spec(bootstrap)
 
-    leave_as_a_program(body)
+    leave_as_a_program(lambda: bootstrap.serve(3, b"", connect=connect))
 
 
 _BOOTSTRAP: list[Any] = []

@@ -313,8 +313,9 @@ def private_spec(bootstrap: Any) -> bytes:
     Environment and token arrive on the instance's own socket, never through the
     runtime zygote, whose memory every later fork inherits."""
     private = bootstrap.read_spec(3)
-    os.environ.clear()
-    os.environ.update(private["env"])
+    if dict(os.environ) != private["env"]:  # a fork of a function zygote has it already
+        os.environ.clear()
+        os.environ.update(private["env"])
     return str(private["token"]).encode()
 
 

@@ -30,6 +30,7 @@ on the hot path of functions that print nothing.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 HEADER = struct.Struct(">IB16sdQ")
 READY, INIT_ERROR, INVOKE, RESULT, ERROR, SPEC = 1, 2, 3, 4, 5, 6
@@ -73,13 +74,21 @@ def main(argv: list[str]) -> None:
     serve(int(argv[1]), argv[2].encode())
 
 
-def serve(fd: int, token: bytes, *, init_only: bool = False) -> bool:
+def serve(
+    fd: int,
+    token: bytes,
+    *,
+    init_only: bool = False,
+    connect: Callable[[], tuple[int, bytes]] | None = None,
+) -> bool:
     """Initialise the handler and serve invocations on socket ``fd`` until it closes.
 
     Called by :func:`main`, or directly in a process forked from a zygote. With
     ``init_only`` (a function zygote), return after ``READY`` (True) or
     ``INIT_ERROR`` (False): its forks call this again, and find the handler's module
-    already imported.
+    already imported. With ``connect`` (an instance made ahead of demand), everything
+    up to the init is done first; ``connect()`` then waits for the instance's
+    socket and token (``fd`` and ``token`` are not used).
     """
     import array
     import fcntl
@@ -93,9 +102,6 @@ def serve(fd: int, token: bytes, *, init_only: bool = False) -> bool:
     import traceback
     import uuid
 
-    sentinel = SENTINEL_PREFIX + token + b"\n"
-    sock = socket.socket(fileno=fd)
-    rfile = sock.makefile("rb", buffering=65536)
     env = os.environ
     task_root = env.get("LAMBDA_TASK_ROOT", os.getcwd())
     layer = env.get("NIMBUS_LAYER_ROOT", "")
@@ -132,9 +138,6 @@ def serve(fd: int, token: bytes, *, init_only: bool = False) -> bool:
         return json.dumps(doc).encode()
 
     current = {"rid": ""}
-    # Peak RSS of *this* process image (VmHWM resets at exec, unlike ru_maxrss, which
-    # would report the parent's size at fork). pread on a kept fd: one syscall.
-    status_fd = os.open("/proc/self/status", os.O_RDONLY)
 
     def max_rss_kib() -> int:
         data = os.pread(status_fd, 4096, 0)
@@ -192,23 +195,39 @@ def serve(fd: int, token: bytes, *, init_only: bool = False) -> bool:
                 None,
             )
     except _InitError as e:
-        init_s = time.perf_counter() - started
-        if e.cause is not None:
-            traceback.print_exception(e.cause, file=sys.stderr)
-        print(f"[ERROR] {e.error_type}: {e.message}", file=sys.stderr)
+        failed: _InitError | None = e
+    else:
+        failed = None
+    init_s = time.perf_counter() - started
+
+    if connect is not None:
+        fd, token = connect()
+    sentinel = SENTINEL_PREFIX + token + b"\n"
+    sock = socket.socket(fileno=fd)
+    rfile = sock.makefile("rb", buffering=65536)
+    # Peak RSS of *this* process image (VmHWM resets at exec, unlike ru_maxrss, which
+    # would report the parent's size at fork). pread on a kept fd: one syscall.
+    status_fd = os.open("/proc/self/status", os.O_RDONLY)
+
+    if failed is not None:
+        if failed.cause is not None:
+            traceback.print_exception(failed.cause, file=sys.stderr)
+        print(f"[ERROR] {failed.error_type}: {failed.message}", file=sys.stderr)
         body = json.dumps(
             {
-                "errorMessage": e.message,
-                "errorType": e.error_type,
+                "errorMessage": failed.message,
+                "errorType": failed.error_type,
                 "requestId": "",
-                "stackTrace": traceback.format_list(traceback.extract_tb(e.cause.__traceback__))
-                if e.cause is not None
+                "stackTrace": traceback.format_list(
+                    traceback.extract_tb(failed.cause.__traceback__)
+                )
+                if failed.cause is not None
                 else [],
             }
         ).encode()
         send(INIT_ERROR | end_of_output(), bytes(16), init_s, 0, body)
         return False
-    init_s = time.perf_counter() - started
+    assert fn is not None
     send(READY | end_of_output(), bytes(16), init_s, 0, b"")
     if init_only:
         sock.detach()  # the socket stays open: its end tells the zygote to stop
