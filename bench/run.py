@@ -1183,17 +1183,20 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         "",
         f"Percentiles are nearest-rank: with {COLD_N} samples p99 is the slowest request.",
         "",
-        "What the sandbox adds to a cold start (sandboxed p50 minus `--insecure-no-sandbox` "
-        "p50, same requests, a second `nimbus up` started after the first stopped): "
-        f"hello {nb['cold_hello-cold'].p(50) - nb['plain_cold_hello-cold'].p(50):+.2f} ms, "
-        f"heavy {nb['cold_heavy'].p(50) - nb['plain_cold_heavy'].p(50):+.2f} ms. "
+        "What function zygotes save on a cold start (sandboxed p50 minus the same with "
+        "`--no-function-zygotes`, each on its own `nimbus up` in this run): "
+        f"hello {nb['cold_hello-cold'].p(50) - nb['nozygote_cold_hello-cold'].p(50):+.2f} ms, "
+        f"heavy {nb['cold_heavy'].p(50) - nb['nozygote_cold_heavy'].p(50):+.2f} ms. "
+        "What the sandbox itself adds (both without function zygotes, which need the "
+        "sandbox: `--no-function-zygotes` p50 minus `--insecure-no-sandbox` p50): "
+        f"hello {nb['nozygote_cold_hello-cold'].p(50) - nb['plain_cold_hello-cold'].p(50):+.2f}"
+        f" ms, heavy {nb['nozygote_cold_heavy'].p(50) - nb['plain_cold_heavy'].p(50):+.2f} ms. "
         "At that spacing each cold start overlaps the teardown of the previous instance "
         "(its namespaces and cgroup, which the kernel frees in the background). "
         f"Spaced {int(SPACED_PAUSE * 1000)} ms apart ({SPACED_N} requests to hello-cold), so "
-        "that teardown is over: sandboxed p50 "
+        "that teardown is over: sandboxed (function zygotes) p50 "
         f"{f2(nb['spaced_hello-cold'].p(50))} ms, unsandboxed "
-        f"{f2(nb['plain_spaced_hello-cold'].p(50))} ms: the sandbox adds "
-        f"{nb['spaced_hello-cold'].p(50) - nb['plain_spaced_hello-cold'].p(50):+.2f} ms.",
+        f"{f2(nb['plain_spaced_hello-cold'].p(50))} ms.",
         "",
         f"## One connection: gateway vs API invoke path (`wrk -t1 -c1 -d{SOLO_SECONDS}s`)",
         "",
