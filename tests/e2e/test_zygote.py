@@ -129,3 +129,20 @@ def test_a_spare_instance_is_ready_while_busy(server: NimbusServer) -> None:
     while server.client.get("/v1/functions/zy-spare").json()["instances"]["total"] < 2:
         assert time.monotonic() < deadline, "no spare instance was started"
         time.sleep(0.05)
+
+
+def test_an_init_that_leaves_threads_or_open_files_runs_without_a_zygote(
+    server: NimbusServer,
+) -> None:
+    """A fork would lose the init's threads and share (or break) its open files: such a
+    version runs every instance's init itself, and says so in its logs."""
+    assert server.deploy("zygote-unforkable", name="zy-unfork").status_code == 201
+    outs = concurrently(server, "zy-unfork", [{"sleep": 1.0} for _ in range(2)])
+    for o in outs:
+        assert o["ticker_alive"] is True  # its own thread, started by its own init
+        assert o["kept"] == '"""An '  # its own file, opened by its own init
+    assert len({o["init"] for o in outs}) == 2  # two inits: no shared zygote
+    records = server.logs("zy-unfork")
+    notes = [r["message"] for r in records if "no function zygote for version 1" in r["message"]]
+    assert notes and "1 thread(s) (ticker)" in notes[0] and "open file(s)" in notes[0], notes
+    assert server.client.get("/v1/functions/zy-unfork").json()["zygote"]["function"] is False

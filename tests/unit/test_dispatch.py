@@ -327,6 +327,8 @@ def test_urls_are_shown_without_passwords() -> None:
     assert redact_url("redis://:secret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
     assert view({"type": "nats", "url": "nats://u:p@h:1"})["url"] == "nats://u:***@h:1"
+    # A bare user part is NATS's token: masked too.
+    assert redact_url("nats://s3cret-token@127.0.0.1:4222") == "nats://***@127.0.0.1:4222"
 
 
 def test_errors_shown_in_a_status_never_carry_a_password() -> None:
@@ -335,3 +337,43 @@ def test_errors_shown_in_a_status_never_carry_a_password() -> None:
     error = ConnectionError("cannot connect to amqp://guest:s3cret@127.0.0.1:5672/ (refused)")
     assert describe_error(error) == "cannot connect to amqp://guest:***@127.0.0.1:5672/ (refused)"
     assert "s3cret" not in describe_error(OSError("redis://:s3cret@h:1/0 down"))
+    assert "s3cret" not in describe_error(OSError("nats://s3cret@h:4222 refused"))
+
+
+def test_in_a_batch_only_the_too_deep_messages_are_held_back() -> None:
+    async def go() -> None:
+        inv, t = ScriptedInvoker(), Tracked()
+        dead: list[tuple[str, str, int]] = []
+        d = dispatcher(inv, trigger(max_depth=3, batch_size=2, batch_window=60), dead)
+        await d.emit(t.message("deep", depth=5))
+        await d.emit(t.message("fine", depth=0))
+        await drain(d)
+        assert [[r["body"] for r in e["Records"]] for e in inv.events] == [["fine"]]
+        assert dead == [("fn", "RecursiveInvocationDetected", 0)]
+        assert sorted(t.acked) == ["deep", "fine"]
+
+    run(go)
+
+
+def test_a_batch_over_the_payload_limit_is_split_until_it_fits() -> None:
+    class Limited(ScriptedInvoker):
+        async def invoke(
+            self, name: str, event: bytes, *, request_id: uuid.UUID | None = None
+        ) -> InvokeResult:
+            from nimbus.errors import RequestTooLarge
+
+            if len(json.loads(event)["Records"]) > 1:
+                raise RequestTooLarge("too large")
+            return await super().invoke(name, event, request_id=request_id)
+
+    async def go() -> None:
+        inv, t = Limited(), Tracked()
+        dead: list[tuple[str, str, int]] = []
+        d = dispatcher(inv, trigger(batch_size=3, batch_window=60), dead)
+        for body in "abc":
+            await d.emit(t.message(body))
+        await drain(d)
+        assert sorted(r["body"] for e in inv.events for r in e["Records"]) == ["a", "b", "c"]
+        assert dead == [] and sorted(t.acked) == ["a", "b", "c"]
+
+    run(go)

@@ -38,6 +38,7 @@ from nimbus.executor.protocol import (
     encode_frame,
 )
 from nimbus.models import Version
+from nimbus.runtimes.python.bootstrap import UNFORKABLE
 from nimbus.runtimes.registry import PythonRuntime
 
 __all__ = [
@@ -54,6 +55,10 @@ __all__ = [
 
 #: emit(function, version, instance_id, request_id, message)
 LogEmit = Callable[[str, int, str, str, str], None]
+
+
+class Unforkable(Exception):
+    """The version's init cannot be shared by forks: it runs without a function zygote."""
 
 
 class InitFailed(Exception):
@@ -87,6 +92,8 @@ class Executor:
         self._max_result = max_result
         self._reaping: set[asyncio.Task[None]] = set()
         self._zygotes: dict[tuple[str, int], FunctionZygote] = {}
+        #: Versions whose init left what a fork cannot share: no function zygote.
+        self._unforkable: set[tuple[str, int]] = set()
         self._zygote_locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     async def start(self, version: Version) -> Instance:
@@ -94,9 +101,12 @@ class Executor:
 
         With function zygotes, the instance is a fork of its version's zygote (started
         first if there is none: the function's init runs there, once)."""
-        if not self.function_zygotes:
+        if not self.function_zygotes or (version.name, version.number) in self._unforkable:
             return await self._start(version)
-        zygote = await self._zygote_for(version)
+        try:
+            zygote = await self._zygote_for(version)
+        except Unforkable:
+            return await self._start(version)
         zygote.hold()  # counted from now: the zygote must not stop while it forks this one
         try:
             instance = await self._start(version, zygote_of=zygote)
@@ -209,6 +219,16 @@ class Executor:
         if frame.kind == INIT_ERROR:
             self._discard(process, channel)
             error_type = _error_type(frame.body)
+            if error_type == UNFORKABLE:
+                reason = orjson.loads(frame.body).get("errorMessage", "")
+                output.finish(
+                    init_ctx,
+                    [
+                        f"[nimbus] no function zygote for version {version.number}: {reason}; "
+                        "each instance of it runs the init itself"
+                    ],
+                )
+                raise InitFailed(frame.body, init_ms, error_type)
             self._init_failed(output, init_ctx, init_ms, error_type)
             raise InitFailed(frame.body, init_ms, error_type)
         if frame.kind != READY:
@@ -236,7 +256,15 @@ class Executor:
             for other, old in list(self._zygotes.items()):
                 if other[0] == version.name and other != key:
                     old.retire()  # a new version: the old zygote goes once its instances do
-            instance = await self._start(version, as_zygote=True)
+            if key in self._unforkable:
+                raise Unforkable()
+            try:
+                instance = await self._start(version, as_zygote=True)
+            except InitFailed as e:
+                if e.error_type == UNFORKABLE:
+                    self._unforkable.add(key)
+                    raise Unforkable() from None
+                raise
             launch_id = f"{version.name}-zygote-{instance.id}"
             zygote = FunctionZygote(launch_id, instance, self._stop_zygote)
             self._zygotes[key] = zygote
@@ -256,7 +284,8 @@ class Executor:
             return
 
         async def prewarm() -> None:
-            with contextlib.suppress(InitFailed):  # in the function's logs; retried on use
+            # An init error is in the function's logs, and retried on use.
+            with contextlib.suppress(InitFailed, Unforkable):
                 (await self._zygote_for(version)).idle_if_unused()
 
         task = asyncio.get_running_loop().create_task(prewarm())

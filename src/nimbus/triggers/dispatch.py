@@ -165,20 +165,23 @@ class Dispatcher:
             self._slots.release()
 
     async def _deliver(self, batch: list[Message]) -> None:
-        depth = max(m.depth for m in batch)
-        event = orjson.dumps({"Records": [record_of(m, self._source, self._arn) for m in batch]})
-        if depth >= self.spec.max_depth:
-            self.status.recursion_stopped += len(batch)
+        deep = [m for m in batch if m.depth >= self.spec.max_depth]
+        if deep:
+            self.status.recursion_stopped += len(deep)
             log.warning(
-                "trigger %s of %s: recursive loop stopped: a message is %d triggered "
-                "invocations deep (max_depth %d); not invoking, dead-lettering it",
+                "trigger %s of %s: recursive loop stopped: %d message(s) %d or more triggered "
+                "invocations deep (max_depth %d); not invoking, dead-lettering them",
                 self.trigger,
                 self.function,
-                depth,
+                len(deep),
+                self.spec.max_depth,
                 self.spec.max_depth,
             )
-            await self._dead_letter(batch, event, "RecursiveInvocationDetected", 0, None)
-            return
+            await self._dead_letter(deep, self._event(deep), "RecursiveInvocationDetected", 0, None)
+            batch = [m for m in batch if m.depth < self.spec.max_depth]
+            if not batch:
+                return
+        event = self._event(batch)
         attempts = 0
         while True:
             try:
@@ -189,6 +192,11 @@ class Dispatcher:
             except ResourceNotFound:
                 return  # the function is gone; its trigger stops, the broker keeps these
             except NimbusError as e:  # e.g. the batch is over the payload limit
+                if len(batch) > 1:  # in halves, each as far as it goes
+                    half = len(batch) // 2
+                    await self._deliver(batch[:half])
+                    await self._deliver(batch[half:])
+                    return
                 log.warning("trigger %s of %s: %s", self.trigger, self.function, e.message)
                 await self._dead_letter(batch, event, "InvalidRequest", attempts, None)
                 return
@@ -203,6 +211,9 @@ class Dispatcher:
             self.status.retried += len(batch)
             wait = min(MAX_RETRY_WAIT, self.spec.retry_backoff * 2 ** (attempts - 1))
             await self._sleep(wait)
+
+    def _event(self, batch: list[Message]) -> bytes:
+        return orjson.dumps({"Records": [record_of(m, self._source, self._arn) for m in batch]})
 
     async def _succeed(self, batch: list[Message], result: InvokeResult) -> None:
         if len(batch) == 1 and batch[0].reply is not None:

@@ -319,8 +319,10 @@ def redact_url(url: str | None) -> str | None:
     if ":" in host:
         host = f"[{host}]"
     netloc = host + (f":{port}" if port else "")
-    if parts.username or parts.password is not None:
-        netloc = f"{parts.username or ''}{':***' if parts.password is not None else ''}@{netloc}"
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc}"
+    elif parts.username:
+        netloc = f"***@{netloc}"  # a bare user part can be a secret (NATS's token)
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 

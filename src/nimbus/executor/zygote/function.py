@@ -80,6 +80,35 @@ def enter_user_namespace(ctl: socket.socket, uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
+def unforkable() -> str | None:
+    """Why this function zygote, its init done, must not be forked; None if it can be.
+
+    A fork copies one thread and every descriptor: threads the init started would be
+    missing (and any lock one held, stuck), and files or sockets it opened would be
+    shared by every instance, or, closed, their numbers reused under the objects that
+    still hold them. Such a version runs without a function zygote instead."""
+    import threading
+
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    files = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 4:
+            continue  # ours: /dev/null, the output pipe, our socket, the control socket
+        try:
+            files.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+    if not threads and not files:
+        return None
+    parts = []
+    if files:
+        parts.append(f"{len(files)} open file(s) ({', '.join(sorted(files)[:3])})")
+    if threads:
+        parts.append(f"{len(threads)} thread(s) ({', '.join(threads[:3])})")
+    return "its init left " + " and ".join(parts) + " that forked instances cannot share"
+
+
 def serve_forks(ctl: socket.socket, own_sock: int, strict_bpf: bytes | None) -> None:
     """The zygote's loop after its init: fork an instance shell per request. Never
     returns."""

@@ -259,7 +259,7 @@ def _run_function_zygote(
         os.close(high)
         bootstrap, token = _become_function(spec, base_path)
         function._BOOTSTRAP.append(bootstrap)
-        if bootstrap.serve(3, token, init_only=True):
+        if bootstrap.serve(3, token, init_only=True, forkable=function.unforkable):
             function.serve_forks(socket.socket(fileno=4), 3, strict_bpf)
 
     leave_as_a_program(body)

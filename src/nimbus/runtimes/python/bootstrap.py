@@ -34,6 +34,9 @@ from collections.abc import Callable
 
 HEADER = struct.Struct(">IB16sdQ")
 READY, INIT_ERROR, INVOKE, RESULT, ERROR, SPEC = 1, 2, 3, 4, 5, 6
+#: The ``errorType`` of a function zygote's INIT_ERROR when its init succeeded but left
+#: what a fork cannot share (open files, threads): the version runs without one.
+UNFORKABLE = "Nimbus.Unforkable"
 #: Or'ed into the kind of a READY/RESULT/ERROR frame: no sentinel follows on the
 #: output pipe, because the pipe was empty (everything written was already read).
 QUIET = 0x80
@@ -80,6 +83,7 @@ def serve(
     *,
     init_only: bool = False,
     connect: Callable[[], tuple[int, bytes]] | None = None,
+    forkable: Callable[[], str | None] | None = None,
 ) -> bool:
     """Initialise the handler and serve invocations on socket ``fd`` until it closes.
 
@@ -88,7 +92,9 @@ def serve(
     ``INIT_ERROR`` (False): its forks call this again, and find the handler's module
     already imported. With ``connect`` (an instance made ahead of demand), everything
     up to the init is done first; ``connect()`` then waits for the instance's
-    socket and token (``fd`` and ``token`` are not used).
+    socket and token (``fd`` and ``token`` are not used). ``forkable()``, after a
+    successful init, says why the process must not be forked (an ``INIT_ERROR`` of
+    type ``Nimbus.Unforkable`` then carries the reason), or None.
     """
     import array
     import fcntl
@@ -207,7 +213,11 @@ def serve(
     rfile = sock.makefile("rb", buffering=65536)
     # Peak RSS of *this* process image (VmHWM resets at exec, unlike ru_maxrss, which
     # would report the parent's size at fork). pread on a kept fd: one syscall.
-    status_fd = os.open("/proc/self/status", os.O_RDONLY)
+    status_fd = -1 if init_only else os.open("/proc/self/status", os.O_RDONLY)
+    if failed is None and forkable is not None:
+        reason = forkable()
+        if reason is not None:
+            failed = _InitError(UNFORKABLE, reason, None)
 
     if failed is not None:
         if failed.cause is not None:

@@ -110,9 +110,13 @@ class ConfigurationError(Exception):
 _CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s@/]*@")
 
 
+#: ``scheme://token@``: a bare user part, which can be a secret (NATS's token auth).
+_TOKEN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s:/@]+@")
+
+
 def scrub(text: str) -> str:
-    """``text`` with the password of every URL in it masked."""
-    return _CREDENTIALS.sub(r"\1***@", text)
+    """``text`` with the password (or bare token) of every URL in it masked."""
+    return _TOKEN.sub(r"\1***@", _CREDENTIALS.sub(r"\1***@", text))
 
 
 def describe_error(e: BaseException) -> str:
