@@ -505,7 +505,10 @@ class Zygote:
                 self._zygote_failed(zygote, "the function zygote could not make an instance")
             if rec.id and not rec.announced:
                 rec.failed = rec.failed or "the function zygote could not start the instance"
-            if not rec.id:
+            if not rec.announced:
+                # Never handed to the server (unused, or its go failed): nobody else
+                # removes its cgroup. (An announced one is the server's: it reads it
+                # for an OOM kill before removing it.)
                 self.remove_cgroup(rec.cgroup)
             self._maybe_finished(rec)
             return
