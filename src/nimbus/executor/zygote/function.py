@@ -140,7 +140,10 @@ def serve_forks(ctl: socket.socket, own_sock: int, strict_bpf: bytes | None) -> 
             msg = json.loads(data)
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:
+                pid = -1  # out of pids or memory: this shell fails (its socket closes)
             if pid == 0:
                 _instance_parent(msg, fds[0], strict_bpf)
             os.close(fds[0])
@@ -197,7 +200,8 @@ def _init(shell: dict[str, Any], report_fd: int, strict_bpf: bytes | None) -> No
     if instance == 0:
         _wait_for_go(report)
     devnull = os.open("/dev/null", os.O_RDWR)
-    os.dup2(devnull, 2)
+    for fd in (0, 1, 2):  # init keeps nothing of the zygote's output
+        os.dup2(devnull, fd)
     while True:
         try:
             pid, status = os.waitpid(-1, 0)

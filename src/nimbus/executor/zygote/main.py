@@ -49,6 +49,8 @@ from nimbus.executor.zygote import spawn
 
 #: Instance shells each function zygote keeps ready (forked, in their own cgroup).
 FUNCTION_POOL = 1
+#: Shells a function zygote may be making at once (a burst waits for them in turn).
+MAX_MAKING = 4
 
 #: Imported here once so that every instance starts with them loaded (shared pages).
 PRELOAD = (
@@ -231,6 +233,9 @@ class Zygote:
             rec.box = msg["sandbox"]
             rec.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             rec.ctl.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            # Never blocks us: a function zygote that stops reading (its init left a
+            # thread holding a lock, say) must not stall every other function's spawns.
+            rec.ctl.setblocking(False)
             self.sel.register(rec.ctl, selectors.EVENT_READ, ("zygote", rec))
             fds = [*fds, theirs.fileno()]
         try:
@@ -351,8 +356,11 @@ class Zygote:
 
     def refill_zygote(self, zygote: _Proc) -> None:
         """Keep FUNCTION_POOL shells of ``zygote`` ready, plus one per waiting request."""
-        while zygote.ctl is not None and len(zygote.shells) + zygote.making < FUNCTION_POOL + len(
-            zygote.waiting
+        wanted = FUNCTION_POOL + len(zygote.waiting)
+        while (
+            zygote.ctl is not None
+            and len(zygote.shells) + zygote.making < wanted
+            and zygote.making < MAX_MAKING
         ):
             if not self._make_shell(zygote):
                 return
@@ -488,7 +496,8 @@ class Zygote:
                 self.refill_zygote(rec)  # queued until its init is done
             except OSError as e:
                 print(f"nimbus zygote: cannot map {pid}: {e}", file=sys.stderr, flush=True)
-                rec.ctl.send(b"X")
+                with contextlib.suppress(OSError):
+                    rec.ctl.send(b"X")
 
     def on_rep(self, rec: _Proc) -> None:
         """An instance shell of a function zygote: its pid (it is then moved into its
@@ -512,19 +521,21 @@ class Zygote:
                 self.remove_cgroup(rec.cgroup)
             self._maybe_finished(rec)
             return
-        if data[:1] == b"P" and sender:
+        if data[:1] == b"P" and sender and not rec.pid:
             rec.pid = sender
             self.by_pid[sender] = rec
             mover = os.fork()
             if mover == 0:
+                code = 1
                 try:
                     for path in rec.procs_files:
                         with open(path, "w") as f:
                             f.write(str(sender))
+                    code = 0
                 finally:
-                    os._exit(0 if os.path.exists(f"/proc/{sender}") else 1)
+                    os._exit(code)
             self.moving[mover] = rec
-        elif data[:1] == b"R" and sender and rec.zygote is not None:
+        elif data[:1] == b"R" and sender and rec.zygote is not None and not rec.worker:
             rec.worker = sender
             self._shell_ready(rec)
         elif data[:1] == b"S" and len(data) >= spawn.REPORT.size:
