@@ -38,7 +38,6 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import socket
 import sys
 import threading
@@ -51,11 +50,9 @@ from urllib.parse import urlsplit
 import uvloop
 
 from nimbus.config import Settings
-from nimbus.executor.launcher import Launcher, LaunchPlan
-from nimbus.executor.protocol import HEADER, INVOKE, QUIET, READY, RESULT, SPEC, encode_frame
+from nimbus.executor.protocol import HEADER, INVOKE, QUIET, READY, RESULT, encode_frame
 from nimbus.gateway.events import build_event
 from nimbus.models import Version
-from nimbus.runtimes.registry import available_runtimes
 from nimbus.server import Nimbus, build_launcher
 
 BENCH = Path(__file__).resolve().parent
@@ -189,43 +186,13 @@ class RawInstance:
         await self.process.cleanup()
 
 
-async def start_raw(launcher: Launcher, node: Nimbus, version: Version) -> RawInstance:
-    """``Executor.start`` without the asyncio channel: the same plan, the same launcher."""
-    spec = version.spec
-    runtime = available_runtimes()[spec.runtime]
-    instance_id = secrets.token_hex(6)
-    token = secrets.token_hex(8)
-    code_dir = node.code.path(version.code_sha256)
-    task_root = launcher.task_root(code_dir)
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    read_fd, write_fd = os.pipe()
-    env = runtime.environment(version, task_root, None, instance_id)
-    if launcher.spec_over_socket:
-        parent.sendall(
-            encode_frame(SPEC, bytes(16), 0.0, 0, json.dumps({"env": env, "token": token}).encode())
-        )
-    try:
-        plan = LaunchPlan(
-            instance_id=f"{spec.name}-{instance_id}",
-            function=spec.name,
-            argv=runtime.argv(child.fileno(), token),
-            env=env,
-            code_dir=code_dir,
-            layer_dir=None,
-            sock_fd=child.fileno(),
-            output_fd=write_fd,
-            token=token,
-            uid=version.uid,
-            memory_mb=spec.memory,
-            tmp_mb=spec.ephemeral_storage,
-            network=spec.network,
-        )
-        process = await launcher.launch(plan)
-    finally:
-        child.close()
-        os.close(write_fd)
-    raw = RawInstance(parent, process, read_fd)
-    parent.settimeout(30)
+async def start_raw(node: Nimbus, version: Version) -> RawInstance:
+    """``Executor.start`` without the asyncio channel: the executor's own launch, then the
+    READY frame read with a blocking socket."""
+    launched = await node.executor.launch(version)
+    raw = RawInstance(launched.sock, launched.process, launched.output_fd)
+    launched.sock.setblocking(True)
+    launched.sock.settimeout(30)
     kind, _, _, body = raw.frame()
     if kind != READY:
         await raw.stop()
@@ -262,7 +229,7 @@ async def in_process(args: argparse.Namespace, out: dict[str, Any]) -> None:
         n, warmup = args.n, args.warmup
 
         # Direct: INVOKE/RESULT frames on the instance's own socket, blocking client.
-        raw = await start_raw(launcher, node, version)
+        raw = await start_raw(node, version)
         for _ in range(warmup):
             raw.invoke(rid.bytes, event)
         lat, bad = [], 0

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -55,6 +56,18 @@ __all__ = [
 
 #: emit(function, version, instance_id, request_id, message)
 LogEmit = Callable[[str, int, str, str, str], None]
+
+
+class Launched(NamedTuple):
+    """An instance process just launched: what :meth:`Executor.launch` returns."""
+
+    instance_id: str
+    token: str
+    #: The executor's end of the instance's socket.
+    sock: socket.socket
+    #: The read end of its output pipe.
+    output_fd: int
+    process: InstanceProcess
 
 
 class Unforkable(Exception):
@@ -116,13 +129,15 @@ class Executor:
         zygote.attach(instance)
         return instance
 
-    async def _start(
+    async def launch(
         self,
         version: Version,
         *,
         zygote_of: FunctionZygote | None = None,
         as_zygote: bool = False,
-    ) -> Instance:
+    ) -> Launched:
+        """Start an instance process (its socket, output pipe and SPEC frame made), not
+        waiting for its init; :class:`InitFailed` if the launcher cannot start it."""
         spec = version.spec
         runtime = self._runtimes[spec.runtime]
         instance_id = secrets.token_hex(6)
@@ -177,6 +192,18 @@ class Executor:
         finally:
             child.close()
             os.close(write_fd)
+        return Launched(instance_id, token, parent, read_fd, process)
+
+    async def _start(
+        self,
+        version: Version,
+        *,
+        zygote_of: FunctionZygote | None = None,
+        as_zygote: bool = False,
+    ) -> Instance:
+        spec = version.spec
+        launched = await self.launch(version, zygote_of=zygote_of, as_zygote=as_zygote)
+        instance_id, token, parent, read_fd, process = launched
 
         loop = asyncio.get_running_loop()
         emit = partial(self._emit, spec.name, version.number, instance_id)
@@ -295,8 +322,7 @@ class Executor:
     def _stop_zygote(self, zygote: FunctionZygote) -> None:
         for key, known in list(self._zygotes.items()):
             if known is zygote:
-                del self._zygotes[key]
-                self._zygote_locks.pop(key, None)
+                del self._zygotes[key]  # its lock stays: a start may be holding it
         self._discard(zygote.instance.process, zygote.instance._channel)
 
     def function_zygote_up(self, name: str) -> bool:

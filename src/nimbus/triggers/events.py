@@ -29,7 +29,13 @@ from nimbus.models import Version
 from nimbus.triggers.dispatch import DeadLetters, Dispatcher, InvokePath
 from nimbus.triggers.runner import FunctionSource
 from nimbus.triggers.sources.base import Source, Status
-from nimbus.triggers.specs import EVENT_TYPES, EventTrigger, parse_event_trigger, view
+from nimbus.triggers.specs import (
+    EVENT_TYPES,
+    EventTrigger,
+    parse_event_trigger,
+    redact_url,
+    view,
+)
 
 log = logging.getLogger("nimbus.triggers")
 
@@ -64,6 +70,14 @@ class TriggerContext:
     #: The broker URL to use (the trigger's, else the server's default); None for files.
     url: str | None
     status: Status
+
+    @property
+    def broker_url(self) -> str:
+        """``url`` for a broker source (always set for one: the trigger's, the server's,
+        or the broker's standard port on loopback)."""
+        if self.url is None:
+            raise ValueError(f"trigger {self.trigger} of {self.function} has no broker URL")
+        return self.url
 
     @property
     def default_id(self) -> str:
@@ -179,7 +193,7 @@ class EventTriggers:
             running = self._running.get((version.name, trigger["name"]))
             shown = view(trigger)
             if not trigger.get("url") and trigger["type"] in self._urls:
-                shown["url_in_use"] = view({"url": self._urls[trigger["type"]]})["url"]
+                shown["url_in_use"] = redact_url(self._urls[trigger["type"]])
             if running is not None:
                 shown["status"] = {
                     **running.status.as_dict(),

@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nimbus.triggers")
 
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 #: Seconds to wait for the broker to accept a connection.
 CONNECT_TIMEOUT = 10.0
 #: Seconds a clean close may take before the connection is just dropped.
@@ -89,7 +88,7 @@ class AmqpSource:
         self.spec = spec
         self.context = context
         # The trigger's own URL first: the context's is the server's default.
-        self.url = spec.url or context.url or DEFAULT_URL
+        self.url = context.broker_url
         #: Messages handed to ``emit`` and not yet settled, in this session.
         self._unsettled: set[AbstractIncomingMessage] = set()
         self._settled = asyncio.Event()

@@ -188,7 +188,7 @@ class MqttSource:
         self.spec = spec
         self.context = context
         # The trigger's own URL first: the context's is the server's default.
-        self.url = spec.url or context.url or "mqtt://127.0.0.1:1883"
+        self.url = context.broker_url
         self.client_id = spec.client_id or context.default_id
 
     async def run(self, emit: Emit) -> None:

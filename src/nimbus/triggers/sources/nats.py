@@ -111,7 +111,7 @@ class NatsSource:
     """One NATS trigger: JetStream pull consumer or core queue subscription."""
 
     def __init__(self, spec: NatsTrigger, context: TriggerContext) -> None:
-        url = spec.url or context.url or ""
+        url = context.broker_url
         self.spec = spec
         self.context = context
         # nats-py knows nats:// and tls://.

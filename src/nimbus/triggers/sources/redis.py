@@ -138,7 +138,7 @@ class RedisSource:
         self.spec = spec
         self.context = context
         # The trigger's own URL first: the context's is the server's default.
-        self.url = spec.url or context.url or "redis://127.0.0.1:6379/0"
+        self.url = context.broker_url
         self.group = spec.group or context.default_id
         self.consumer = consumer_name(context)
         #: Messages the trigger can hold at once: what one read may ask for at most.
