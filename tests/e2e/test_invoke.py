@@ -27,6 +27,14 @@ def test_deploy_invoke_over_http_and_api(server: NimbusServer) -> None:
     assert "x-nimbus-function-error" not in r.headers
 
 
+def test_gateway_responses_are_sized_not_chunked(server: NimbusServer) -> None:
+    assert server.deploy("hello", name="inv-sized").status_code == 201
+    for path in ("/function/inv-sized", "/function/no-such-function"):
+        r = server.client.get(path)
+        assert r.headers.get("content-length") == str(len(r.content)), (path, r.headers)
+        assert "transfer-encoding" not in r.headers, (path, r.headers)
+
+
 def test_lambda_context_and_environment(server: NimbusServer) -> None:
     assert server.deploy("env-context", name="inv-env").status_code == 201
     out = server.invoke("inv-env").json()
