@@ -10,10 +10,12 @@ PORT   ?= 8080
 
 $(STAMP): pyproject.toml requirements.lock
 	@# The sandbox's seccomp filter is built with libseccomp (Debian: libseccomp2).
-	@# The sandbox needs libseccomp (seccomp filter), iproute2 and iptables (egress networking).
+	@# The sandbox needs libseccomp (seccomp filter), iproute2 and iptables (egress networking),
+	@# and debootstrap (its base root filesystem, a minimal Debian built once per machine).
 	@missing=""; ldconfig -p | grep -q 'libseccomp.so.2 ' || missing="$$missing libseccomp2"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "warning: missing Debian packages:$$missing (the sandbox needs them)"; fi; fi

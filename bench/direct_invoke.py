@@ -53,7 +53,7 @@ from nimbus.config import Settings
 from nimbus.executor.protocol import HEADER, INVOKE, QUIET, READY, RESULT, encode_frame
 from nimbus.gateway.events import build_event
 from nimbus.models import Version
-from nimbus.server import Nimbus, build_launcher
+from nimbus.server import Nimbus
 
 BENCH = Path(__file__).resolve().parent
 HELLO = BENCH / "functions" / "hello"
@@ -213,8 +213,7 @@ async def in_process(args: argparse.Namespace, out: dict[str, Any]) -> None:
     settings = Settings(
         data_dir=Path(args.data_dir).resolve(), insecure_no_sandbox=args.insecure_no_sandbox
     )
-    launcher = build_launcher(settings)
-    node = Nimbus(settings, launcher=launcher)
+    node = Nimbus(settings)
     await node.start()
     raw: RawInstance | None = None
     inst = None

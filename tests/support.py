@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
+from nimbus.executor.sandbox.baseroot import BaseRoot
 from nimbus.packaging import package_directory
 
 FIXTURES = Path(__file__).parent / "fixtures" / "functions"
@@ -126,6 +127,7 @@ def build_wheel(directory: Path, name: str = "nimbus_testdep", version: str = "1
     record.append(f"{dist}/RECORD,,")
     files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
     directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)  # builds run as an unprivileged uid of their own
     wheel = directory / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         for path, data in files.items():
@@ -273,3 +275,11 @@ def running(data_dir: Path, **kw: Any) -> Iterator[NimbusServer]:
         yield server.start()
     finally:
         server.close()
+
+
+def base_root() -> BaseRoot:
+    """The base root filesystem a server started by these tests runs on (built if needed)."""
+    from nimbus.config import Settings
+    from nimbus.server import ensure_base
+
+    return ensure_base(Settings.from_env(os.environ))

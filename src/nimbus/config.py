@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from nimbus.errors import InvalidParameterValue
+
+#: What AWS SDKs accept as a region: ``us-east-1``, ``eu-central-2``, ``us-gov-west-1``.
+REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]")
+DOMAIN_RE = re.compile(
+    r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
 
 
 def default_data_dir(environ: Mapping[str, str]) -> Path:
@@ -24,11 +31,35 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
     return base / "nimbus"
 
 
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    """Where what a whole machine shares is kept (the base root filesystem):
+    ``/var/cache/nimbus`` for root, else ``$XDG_CACHE_HOME/nimbus`` or ``~/.cache/nimbus``."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/nimbus")
+    xdg = environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path(environ.get("HOME", os.path.expanduser("~"))) / ".cache"
+    return base / "nimbus"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path()
+    #: Shared by every node of the machine: the base root filesystem instances run on.
+    cache_dir: Path = dataclasses.field(default_factory=lambda: default_cache_dir({}))
+    #: A prepared root filesystem to run instances on instead of building one ("": build
+    #: a minimal Debian with debootstrap, once per machine, under cache_dir).
+    base_root: str = ""
+    #: The Debian suite and mirror the base root is built from ("" suite: the host's
+    #: Debian codename, else bookworm).
+    base_suite: str = ""
+    base_mirror: str = "http://deb.debian.org/debian"
+    #: The region and account this node reports as (AWS_REGION in functions, ARNs).
+    region: str = "us-east-1"
+    account_id: str = "000000000000"
+    #: Each function is also served at the root of ``<name>.<function_domain>``.
+    function_domain: str = "localhost"
     #: Instances running at once on this node, over all functions.
     max_instances: int = 256
     #: Requests that may wait for an instance, per function, before 429.
@@ -71,7 +102,10 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
         """Settings from ``NIMBUS_*`` variables; explicit ``overrides`` (not None) win."""
-        values: dict[str, Any] = {"data_dir": default_data_dir(environ)}
+        values: dict[str, Any] = {
+            "data_dir": default_data_dir(environ),
+            "cache_dir": default_cache_dir(environ),
+        }
         for f in fields(cls):
             raw = environ.get(f"NIMBUS_{f.name.upper()}")
             if raw is not None and raw != "":
@@ -80,6 +114,7 @@ class Settings:
             if value is not None:
                 values[key] = value
         values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+        values["cache_dir"] = Path(values["cache_dir"]).expanduser().resolve()
         settings = cls(**values)
         settings.check()
         return settings
@@ -96,6 +131,16 @@ class Settings:
             raise InvalidParameterValue("max_async_concurrency must not be negative")
         if self.async_retention < 0:
             raise InvalidParameterValue("async_retention must not be negative")
+        if not REGION_RE.fullmatch(self.region):
+            raise InvalidParameterValue(
+                f"region must look like an AWS region, e.g. us-east-1 (got {self.region!r})"
+            )
+        if not re.fullmatch(r"[0-9]{12}", self.account_id):
+            raise InvalidParameterValue(f"account_id must be 12 digits (got {self.account_id!r})")
+        if not DOMAIN_RE.fullmatch(self.function_domain):
+            raise InvalidParameterValue(
+                f"function_domain must be a DNS name, e.g. localhost (got {self.function_domain!r})"
+            )
 
     @property
     def watch_roots(self) -> tuple[Path, ...]:

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from nimbus.api import build_api
 from nimbus.api.triggers import triggers_router
 from nimbus.asyncinvoke import AsyncInvoker
 from nimbus.config import Settings
-from nimbus.errors import NimbusError
+from nimbus.errors import NimbusError, ServiceException
 from nimbus.executor.core import Executor, Launcher
+from nimbus.executor.sandbox.baseroot import BaseRoot
 from nimbus.functions import Functions, read_spec_file
 from nimbus.gateway import Gateway
 from nimbus.gateway.app import PREFIX
@@ -34,6 +36,7 @@ from nimbus.invoke import Invoker
 from nimbus.observability.logs import LogStore
 from nimbus.observability.metrics import Metrics
 from nimbus.packaging import CodeStore, LayerStore, package_directory
+from nimbus.packaging.builder import Builder
 from nimbus.queue import SqliteQueue
 from nimbus.runtimes.registry import available_runtimes
 from nimbus.scheduling import Scheduler
@@ -48,12 +51,13 @@ log = logging.getLogger("nimbus")
 class Nimbus:
     """One node: control plane and data plane in one asyncio process."""
 
-    def __init__(self, settings: Settings, *, launcher: Launcher | None = None) -> None:
+    def __init__(self, settings: Settings, *, isolation: Isolation | None = None) -> None:
         self.settings = settings
         data = settings.data_dir
         runtimes = available_runtimes()
-        if launcher is None:
-            launcher = build_launcher(settings)
+        if isolation is None:
+            isolation = build_isolation(settings)
+        launcher = isolation.launcher
         self.store = SqliteStore(data / "nimbus.db")
         self.logs = LogStore(
             data / "logs.db", max_records_per_function=settings.max_log_records_per_function
@@ -64,7 +68,7 @@ class Nimbus:
             max_unpacked_bytes=settings.max_unpacked_bytes,
             python=next(iter(runtimes.values())).executable,
         )
-        self.layers = LayerStore(data, python=sys.executable)
+        self.layers = LayerStore(data, isolation.builder, platform=isolation.platform)
         self.executor = Executor(
             launcher,
             runtimes,
@@ -212,28 +216,43 @@ class SandboxUnavailable(NimbusError):
     """The sandbox cannot work here; the message says why and names the way out."""
 
 
-def build_launcher(settings: Settings) -> Launcher:
-    """The launcher for this node: sandboxed unless ``--insecure-no-sandbox``.
+@dataclass(frozen=True, slots=True)
+class Isolation:
+    """How this node runs code it was given: instances, and dependency builds."""
 
-    Runs once, before the event loop serves anything (it forks a probe).
-    Raises :class:`SandboxUnavailable` with one line a person can act on.
+    launcher: Launcher
+    builder: Builder
+    #: What dependency layers are built against: the base root's digest ("host" when
+    #: builds run on the host).
+    platform: str
+
+
+def build_isolation(settings: Settings) -> Isolation:
+    """Instances and builds for this node: sandboxed unless ``--insecure-no-sandbox``.
+
+    Runs once, before the event loop serves anything (it forks a probe, and builds
+    the base root filesystem the first time on a machine). Raises
+    :class:`SandboxUnavailable` with one line a person can act on.
     """
     import hashlib
 
     from nimbus.executor.zygote.client import Sandbox, Zygote, ZygoteLauncher
+    from nimbus.packaging.builder import HostBuilder, SandboxBuilder
     from nimbus.runtimes.registry import host_python
 
     python = host_python()
     marker = str(settings.data_dir)
+    environ = dict(os.environ)
     if settings.insecure_no_sandbox:
         log.warning(
             "--insecure-no-sandbox: instances run as plain processes, without namespaces, "
-            "cgroups, seccomp or their own uid; never run untrusted code like this"
+            "cgroups, seccomp or their own uid, and dependencies are built on the host; "
+            "never run untrusted code like this"
         )
         zygote = Zygote(
             python, seccomp_path=None, node_marker=marker, pool_size=settings.sandbox_pool
         )
-        return ZygoteLauncher(zygote, None)
+        return Isolation(ZygoteLauncher(zygote, None), HostBuilder(python, environ=environ), "host")
 
     from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
     from nimbus.executor.sandbox.network import EgressNetworks
@@ -257,7 +276,11 @@ def build_launcher(settings: Settings) -> Launcher:
         raise SandboxUnavailable(f"cannot sandbox instances: {e}" + way_out) from None
     base = settings.data_dir / "sandbox"
     base.mkdir(parents=True, exist_ok=True)
-    rootfs = build_rootfs(base, python)
+    try:
+        base_root = ensure_base(settings)
+        rootfs = build_rootfs(base, python, base_root.path)
+    except ServiceException as e:
+        raise SandboxUnavailable(f"cannot sandbox instances: {e.message}" + way_out) from None
     seccomp_path = base / "seccomp.bpf"
     for path, program in (
         (seccomp_path, compile_filter()),
@@ -267,11 +290,12 @@ def build_launcher(settings: Settings) -> Launcher:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(program)
             tmp.replace(path)
+    egress = EgressNetworks(node_id)
     sandbox = Sandbox(
         rootfs=rootfs,
         cgroups=cgroups,
         seccomp_path=seccomp_path,
-        egress=EgressNetworks(node_id),
+        egress=egress,
         pool_size=settings.sandbox_pool,
         function_zygotes=settings.function_zygotes,
     )
@@ -283,12 +307,30 @@ def build_launcher(settings: Settings) -> Launcher:
         pool_size=settings.sandbox_pool,
         root={
             "rootfs": str(rootfs.path),
+            "base": str(rootfs.base),
             "prefix": str(rootfs.python_prefix),
             "hidden": [str(p) for p in rootfs.hidden],
             "nofile": sandbox.nofile,
         },
     )
-    return ZygoteLauncher(zygote, sandbox)
+    builder = SandboxBuilder(rootfs, cgroups, egress, seccomp_path, python, environ=environ)
+    return Isolation(ZygoteLauncher(zygote, sandbox), builder, base_root.digest or "base")
+
+
+def ensure_base(settings: Settings) -> BaseRoot:
+    """The base root filesystem instances run on: ``--base-root`` as given, else built
+    (once per machine) under the cache directory."""
+    from nimbus.executor.sandbox.baseroot import (
+        Recipe,
+        default_suite,
+        describe_tree,
+        ensure_base_root,
+    )
+
+    if settings.base_root:
+        return describe_tree(Path(settings.base_root))
+    recipe = Recipe(suite=settings.base_suite or default_suite(), mirror=settings.base_mirror)
+    return ensure_base_root(settings.cache_dir, recipe, progress=log.info)
 
 
 def _probe_namespaces() -> str | None:

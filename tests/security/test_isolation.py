@@ -34,8 +34,6 @@ def test_cannot_read_host_secrets_or_the_data_dir(server: NimbusServer) -> None:
         "/etc/sudoers": {"ENOENT"},
         "/root/.ssh": {"ENOENT"},
         "/root/.bash_history": {"ENOENT"},
-        "/home": {"ENOENT"},
-        "/var/log": {"ENOENT"},
         data_dir: {"ENOENT"},
         f"{data_dir}/nimbus.db": {"ENOENT"},
         f"{data_dir}/logs.db": {"ENOENT"},
@@ -48,9 +46,18 @@ def test_cannot_read_host_secrets_or_the_data_dir(server: NimbusServer) -> None:
         "/dev/mem": {"ENOENT"},
         "/dev/ptmx": {"ENOENT"},
     }
-    results = attack(server, "sec-read-host", {"attack": "read", "paths": list(paths)})["results"]
+    # The base root's own directories for these are empty: nothing of the host's.
+    empty = ["/home", "/var/log"]
+    asked = [*paths, *empty]
+    results = attack(server, "sec-read-host", {"attack": "read", "paths": asked})["results"]
     for path, errnos in paths.items():
         assert_denied(results[path], errnos, f"reading {path}")
+    for path in empty:
+        outcome = results[path]
+        assert outcome == {"ok": True, "value": {"dir": []}} or outcome.get("errno") in (
+            "ENOENT",
+            "EACCES",
+        ), f"reading {path}: {outcome}"
     assert_unharmed(server)
 
 

@@ -26,6 +26,7 @@ from nimbus.errors import (
     ResourceNotFound,
 )
 from nimbus.packaging import CodeStore, LayerStore, has_requirements, package_directory
+from nimbus.packaging.builder import HostBuilder, pip_environment
 from nimbus.packaging.code import remove_tree
 from nimbus.packaging.layers import check_requirements
 from nimbus.packaging.zips import check_entries, extract, human_size
@@ -459,15 +460,14 @@ def test_has_requirements() -> None:
     assert has_requirements(b"# deps\nrequests==2.32.3\n")
 
 
-def test_key_ignores_formatting_but_not_runtime() -> None:
-    a = LayerStore.key(b"requests==2.32.3\nurllib3\n", "python3.11")
-    b = LayerStore.key(
-        b"\xef\xbb\xbf# deps\r\n\r\nrequests==2.32.3   # pinned\r\nurl\\\nlib3\n", "python3.11"
-    )
+def test_key_ignores_formatting_but_not_runtime(tmp_path: Path) -> None:
+    key = LayerStore(tmp_path, HostBuilder(sys.executable)).key
+    a = key(b"requests==2.32.3\nurllib3\n", "python3.11")
+    b = key(b"\xef\xbb\xbf# deps\r\n\r\nrequests==2.32.3   # pinned\r\nurl\\\nlib3\n", "python3.11")
     assert a == b
     assert len(a) == 64
-    assert LayerStore.key(b"requests==2.32.3\nurllib3\n", "python3.12") != a
-    assert LayerStore.key(b"requests==2.32.4\nurllib3\n", "python3.11") != a
+    assert key(b"requests==2.32.3\nurllib3\n", "python3.12") != a
+    assert key(b"requests==2.32.4\nurllib3\n", "python3.11") != a
 
 
 @pytest.mark.parametrize(
@@ -570,9 +570,9 @@ def build_wheel(directory: Path, name: str, version: str, module: str) -> Path:
 
 
 def test_ensure_reuses_an_existing_layer(root: Path, pip_runs: list[tuple[str, ...]]) -> None:
-    store = LayerStore(root, python=sys.executable)
+    store = LayerStore(root, HostBuilder(sys.executable, environ=os.environ))
     requirements = b"somepkg==1.0\n"
-    key = LayerStore.key(requirements, "python3.11")
+    key = store.key(requirements, "python3.11")
     store.path(key).mkdir(parents=True)
     assert asyncio.run(store.ensure(requirements, "python3.11")) == key
     assert pip_runs == []
@@ -581,7 +581,7 @@ def test_ensure_reuses_an_existing_layer(root: Path, pip_runs: list[tuple[str, .
 def test_ensure_refuses_bad_lines_before_running_pip(
     root: Path, pip_runs: list[tuple[str, ...]]
 ) -> None:
-    store = LayerStore(root, python=sys.executable)
+    store = LayerStore(root, HostBuilder(sys.executable, environ=os.environ))
     with pytest.raises(InvalidParameterValue, match="line 1"):
         asyncio.run(store.ensure(b"--index-url https://evil.example/simple\n", "python3.11"))
     assert pip_runs == []
@@ -590,7 +590,7 @@ def test_ensure_refuses_bad_lines_before_running_pip(
 def test_ensure_reports_pips_error(
     root: Path, offline_pip: Path, pip_runs: list[tuple[str, ...]]
 ) -> None:
-    store = LayerStore(root, python=sys.executable)
+    store = LayerStore(root, HostBuilder(sys.executable, environ=os.environ))
     with pytest.raises(DependencyInstallError) as e:
         asyncio.run(store.ensure(b"nimbus-no-such-package-xyz==1.0\n", "python3.11"))
     message = e.value.message
@@ -598,7 +598,7 @@ def test_ensure_reports_pips_error(
     assert "No matching distribution found for nimbus-no-such-package-xyz==1.0" in message
     assert e.value.code == "InvalidParameterValue"
     assert len(pip_runs) == 1
-    assert pip_runs[0][1:5] == ("-m", "pip", "install", "--disable-pip-version-check")
+    assert pip_runs[0][1:6] == ("-I", "-m", "pip", "install", "--disable-pip-version-check")
     assert not (root / "layers").exists() or list((root / "layers").iterdir()) == []
     assert list((root / "tmp").iterdir()) == []
 
@@ -607,7 +607,7 @@ def test_ensure_installs_once_and_caches(
     root: Path, offline_pip: Path, pip_runs: list[tuple[str, ...]]
 ) -> None:
     build_wheel(offline_pip, "nimbus_testpkg", "1.0", "ANSWER = 42\n")
-    store = LayerStore(root, python=sys.executable)
+    store = LayerStore(root, HostBuilder(sys.executable, environ=os.environ))
     requirements = b"# test dependency\nnimbus_testpkg==1.0\n"
 
     async def deploy_three_at_once() -> list[str]:
@@ -616,7 +616,7 @@ def test_ensure_installs_once_and_caches(
         )
 
     keys = asyncio.run(deploy_three_at_once())
-    assert keys == [LayerStore.key(requirements, "python3.11")] * 3
+    assert keys == [store.key(requirements, "python3.11")] * 3
     assert len(pip_runs) == 1
 
     layer = store.path(keys[0])
@@ -629,16 +629,38 @@ def test_ensure_installs_once_and_caches(
     assert list((root / "tmp").iterdir()) == []
 
     mtime = layer.stat().st_mtime_ns
-    again = LayerStore(root, python=sys.executable)  # a restarted server finds it too
+    again = LayerStore(
+        root, HostBuilder(sys.executable, environ=os.environ)
+    )  # a restarted server finds it too
     assert asyncio.run(again.ensure(requirements, "python3.11")) == keys[0]
     assert len(pip_runs) == 1
     assert layer.stat().st_mtime_ns == mtime
 
 
+def test_builds_get_the_operators_pip_settings_and_nothing_else() -> None:
+    environ = {
+        "PIP_INDEX_URL": "https://pypi.example/simple",
+        "PIP_NO_INDEX": "",
+        "PIP_CONFIG_FILE": "/etc/secret.conf",
+        "AWS_SECRET_ACCESS_KEY": "shh",
+        "NIMBUS_ADMIN_KEY": "shh",
+    }
+    assert pip_environment(environ) == {"PIP_INDEX_URL": "https://pypi.example/simple"}
+
+
+def test_the_key_names_the_platform_built_on(root: Path) -> None:
+    builder = HostBuilder(sys.executable)
+    one = LayerStore(root, builder, platform="base-a").key(b"x==1\n", "python3.11")
+    two = LayerStore(root, builder, platform="base-b").key(b"x==1\n", "python3.11")
+    assert one != two
+    same = LayerStore(root, builder, platform="base-a").key(b"# c\nx==1\n\n", "python3.11")
+    assert same == one
+
+
 def test_ensure_without_requirements_makes_an_empty_layer(
     root: Path, pip_runs: list[tuple[str, ...]]
 ) -> None:
-    store = LayerStore(root, python=sys.executable)
+    store = LayerStore(root, HostBuilder(sys.executable, environ=os.environ))
     key = asyncio.run(store.ensure(b"# nothing\n", "python3.11"))
     assert list(store.path(key).iterdir()) == []
     assert pip_runs == []

@@ -1,4 +1,5 @@
-"""nimbus.executor.sandbox.rootfs, built for real with this machine's ldd."""
+"""nimbus.executor.sandbox.rootfs (the runtime layer), built for real with this machine's
+ldd over a small stand-in base root; the real base is tested in tests/sandbox."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from nimbus.executor.sandbox import linux, rootfs
+from nimbus.errors import ServiceException
+from nimbus.executor.sandbox import rootfs
 from nimbus.executor.sandbox.rootfs import MOUNTPOINTS, Rootfs, build_rootfs
 
 PYTHON = os.path.realpath(sys.executable)
@@ -61,13 +63,54 @@ def resolve_inside(root: Path, path: str) -> Path:
     raise AssertionError(f"symlink loop at {path}")
 
 
+def fake_base(root: Path) -> Path:
+    """A base root that has the loader and libc (at their host paths, through the host's
+    merged-/usr links), nothing else: the layer must add only what is missing."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("bin", "sbin", "lib", "lib64"):
+        if os.path.islink("/" + name):
+            (root / name).symlink_to(os.readlink("/" + name))
+    host = ldd(PYTHON)
+    for soname in ("libc.so.6", *(n for n in host if "ld-linux" in n)):
+        real = os.path.realpath(host[soname])
+        (root / real.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, root / real.lstrip("/"))
+    (root / "etc").mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Rootfs, float]]:
     base = tmp_path_factory.mktemp("sandbox")
+    lower = fake_base(tmp_path_factory.mktemp("base") / "root")
     started = time.monotonic()
-    fs = build_rootfs(base, PYTHON)
+    fs = build_rootfs(base, PYTHON, lower)
     yield fs, time.monotonic() - started
     shutil.rmtree(base, ignore_errors=True)
+
+
+def resolve_merged(fs: Rootfs, path: str) -> tuple[Path, Path]:
+    """Where ``path`` leads in the overlay of the layer over the base, as (layer, base)
+    paths: a link of the layer wins, else one of the base, as the overlay shows them."""
+    pending = list(reversed(path.split("/")))
+    current = "/"
+    for _ in range(200):
+        if not pending:
+            rel = current.lstrip("/")
+            return fs.path / rel, fs.base / rel
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        here = os.path.join(current, part)
+        layer, base = fs.path / here.lstrip("/"), fs.base / here.lstrip("/")
+        link = layer if layer.is_symlink() else base if not layer.exists() else None
+        if link is not None and link.is_symlink():
+            target = os.readlink(link)
+            current = "/" if target.startswith("/") else current
+            pending.extend(reversed(target.split("/")))
+        else:
+            current = here
+    raise AssertionError(f"symlink loop at {path}")
 
 
 def dynload(module: str) -> str:
@@ -99,52 +142,32 @@ def test_describes_the_interpreter(built: tuple[Rootfs, float]) -> None:
     }
 
 
-def test_libraries_sit_at_their_host_paths(built: tuple[Rootfs, float]) -> None:
+def test_adds_only_the_libraries_the_base_lacks(built: tuple[Rootfs, float]) -> None:
     fs, _ = built
     host = ldd(PYTHON, dynload("_ssl"), dynload("_ctypes"), dynload("_sqlite3"))
-    wanted = {
-        name: path
-        for name, path in host.items()
-        if name.startswith(("libc.", "libssl", "libcrypto", "libffi", "libsqlite3", "/"))
-    }
-    assert any("ld-linux" in n for n in wanted), host
-    assert {n.split(".so")[0] for n in wanted} >= {
-        "libc",
-        "libssl",
-        "libcrypto",
-        "libffi",
-        "libsqlite3",
-    }
-    for path in wanted.values():
-        inside = resolve_inside(fs.path, path)
-        assert inside.is_file() and inside.is_relative_to(fs.path), path
-        assert inside.read_bytes()[:4] == b"\x7fELF"
-        assert os.path.samefile(inside, path) or inside.read_bytes() == Path(path).read_bytes()
-    # libpython lives in the prefix: it arrives with the prefix's bind mount, not a copy.
-    libpython = [p for n, p in host.items() if n.startswith("libpython")]
-    assert all(Path(p).is_relative_to(BASE_PREFIX) for p in libpython)
+    for name, path in host.items():
+        if Path(path).is_relative_to(BASE_PREFIX):
+            continue  # libpython arrives with the prefix's bind mount, not a copy
+        in_layer, in_base = resolve_merged(fs, path)
+        if name == "libc.so.6" or "ld-linux" in name:
+            assert in_base.is_file() and not os.path.lexists(in_layer), name
+        else:
+            assert in_layer.is_file() and in_layer.is_relative_to(fs.path), name
+            assert in_layer.read_bytes()[:4] == b"\x7fELF"
+    assert any(n.startswith("libssl") for n in host)
 
 
-def test_merged_usr_symlinks_are_repeated(built: tuple[Rootfs, float]) -> None:
+def test_never_shadows_a_link_of_the_base(built: tuple[Rootfs, float]) -> None:
     fs, _ = built
     for name in ("bin", "sbin", "lib", "lib64"):
-        if os.path.islink("/" + name):
-            assert os.readlink(fs.path / name) == os.readlink("/" + name)
-            assert resolve_inside(fs.path, "/" + name).is_dir()
+        if (fs.base / name).is_symlink():
+            assert not os.path.lexists(fs.path / name), name
 
 
-def test_nothing_else_of_the_host_usr(built: tuple[Rootfs, float]) -> None:
+def test_nothing_else_of_the_host(built: tuple[Rootfs, float]) -> None:
     fs, _ = built
-    usr = fs.path / "usr"
-    assert not any((usr / "bin").iterdir())
     top = {p.name for p in fs.path.iterdir()}
     assert top <= {
-        "bin",
-        "sbin",
-        "lib",
-        "lib32",
-        "lib64",
-        "libx32",
         "usr",
         "etc",
         "tmp",
@@ -155,8 +178,8 @@ def test_nothing_else_of_the_host_usr(built: tuple[Rootfs, float]) -> None:
         "opt",
         Path(BASE_PREFIX).parts[1],
     }
-    libs = [p for p in usr.rglob("*") if p.suffix == ".so" or ".so." in p.name]
-    assert 5 < len(libs) < 200
+    assert not (fs.path / "usr/bin").exists()
+    assert os.readlink(fs.path / "var/lang") == BASE_PREFIX
 
 
 def test_etc(built: tuple[Rootfs, float]) -> None:
@@ -174,14 +197,23 @@ def test_etc(built: tuple[Rootfs, float]) -> None:
     assert "127.0.0.1\tlocalhost" in (etc / "hosts").read_text()
     assert "::1\tlocalhost" in (etc / "hosts").read_text()
     assert (etc / "nsswitch.conf").read_text() == "passwd: files\ngroup: files\nhosts: files dns\n"
-    assert os.readlink(etc / "localtime") == "/usr/share/zoneinfo/UTC"
-    for host in ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt", "/etc/ld.so.cache"):
+    # The host's resolver, and its CA bundle (the authorities its operator trusts).
+    for host in ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt"):
         if os.path.exists(host):
-            assert (fs.path / host.lstrip("/")).read_bytes() == Path(host).read_bytes()
-            assert stat.S_IMODE((fs.path / host.lstrip("/")).stat().st_mode) == 0o644
-    if os.path.exists("/usr/share/zoneinfo/Europe/Paris"):
-        assert resolve_inside(fs.path, "/usr/share/zoneinfo/Europe/Paris").is_file()
-        assert resolve_inside(fs.path, "/etc/localtime").is_file()
+            inside = fs.path / host.lstrip("/")
+            assert inside.read_bytes() == Path(host).read_bytes()
+            assert stat.S_IMODE(inside.stat().st_mode) == 0o644
+    # Time zones and the loader's cache are the base's own; OpenSSL's configuration comes
+    # from the host only because this stand-in base has none.
+    assert {p.name for p in etc.iterdir()} <= {
+        "passwd",
+        "group",
+        "hosts",
+        "nsswitch.conf",
+        "resolv.conf",
+        "ssl",
+    }
+    assert not (etc / "localtime").exists() and not (etc / "ld.so.cache").exists()
 
 
 def test_mountpoints_and_modes(built: tuple[Rootfs, float]) -> None:
@@ -209,7 +241,7 @@ def test_second_call_reuses_without_running_anything(
 
     monkeypatch.setattr("subprocess.run", no_subprocess)
     started = time.monotonic()
-    again = build_rootfs(fs.path.parent, sys.executable)
+    again = build_rootfs(fs.path.parent, sys.executable, fs.base)
     reuse_time = time.monotonic() - started
     assert again == fs
     after = fs.path.stat()
@@ -217,27 +249,38 @@ def test_second_call_reuses_without_running_anything(
     assert reuse_time < build_time / 5, (reuse_time, build_time)
 
 
-def test_a_changed_input_or_format_builds_anew_and_removes_the_old(
+def test_a_changed_input_base_or_format_builds_anew_and_removes_the_old(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A copy of the interpreter: same prefix (it falls back to its build prefix), other file.
     python = tmp_path / "python3"
     shutil.copy2(PYTHON, python)
     base = tmp_path / "sandbox"
-    first = build_rootfs(base, str(python))
-    assert build_rootfs(base, str(python)).path == first.path
+    lower = fake_base(tmp_path / "base")
+    first = build_rootfs(base, str(python), lower)
+    assert build_rootfs(base, str(python), lower).path == first.path
 
     future = time.time() + 60
     os.utime(python, (future, future))
-    second = build_rootfs(base, str(python))
+    second = build_rootfs(base, str(python), lower)
     assert second.path != first.path and second.path.is_dir()
     assert not first.path.exists()
 
     monkeypatch.setattr(rootfs, "FORMAT", rootfs.FORMAT + 1)
-    third = build_rootfs(base, str(python))
+    third = build_rootfs(base, str(python), lower)
     assert third.path != second.path and third.path.is_dir()
     assert not second.path.exists()
-    assert sorted(p.name for p in base.iterdir()) == sorted([third.path.name, "rootfs.json"])
+
+    other = fake_base(tmp_path / "other-base")
+    fourth = build_rootfs(base, str(python), other)
+    assert fourth.path != third.path and fourth.base == other.resolve()
+    assert sorted(p.name for p in base.iterdir()) == sorted([fourth.path.name, "rootfs.json"])
+
+
+def test_refuses_paths_an_overlay_cannot_name(tmp_path: Path) -> None:
+    lower = fake_base(tmp_path / "a,b")
+    with pytest.raises(ServiceException, match="overlay"):
+        build_rootfs(tmp_path / "sandbox", PYTHON, lower)
 
 
 def test_copies_when_hard_links_are_impossible(
@@ -247,64 +290,9 @@ def test_copies_when_hard_links_are_impossible(
         raise OSError(errno.EXDEV, "cross-device link")
 
     monkeypatch.setattr("os.link", cross_device)
-    fs = build_rootfs(tmp_path, PYTHON)
-    libc = ldd(PYTHON)["libc.so.6"]
-    inside = resolve_inside(fs.path, libc)
-    assert not os.path.samefile(inside, libc)
-    assert inside.read_bytes() == Path(libc).read_bytes()
-    assert stat.S_IMODE(inside.stat().st_mode) == stat.S_IMODE(os.stat(libc).st_mode)
-
-
-_INSIDE = """
-import ctypes, importlib, json, os, pwd, socket, sqlite3, ssl, sys, sysconfig, time, zoneinfo
-failed = {}
-for name in sorted(os.listdir(sysconfig.get_config_var("DESTSHARED"))):
-    module = name.split(".")[0]
-    try:
-        importlib.import_module(module)
-    except Exception as exc:
-        failed[module] = repr(exc)
-assert not failed, failed
-assert ssl.create_default_context().cert_store_stats()["x509_ca"] > 0
-assert sqlite3.connect(":memory:").execute("select 1").fetchone() == (1,)
-assert ctypes.CDLL("libc.so.6").getpid() == os.getpid()
-assert zoneinfo.ZoneInfo("Europe/Paris").key == "Europe/Paris"
-assert time.localtime().tm_zone == "UTC"
-assert pwd.getpwuid(0).pw_name == "root"
-assert socket.getaddrinfo("localhost", 80, socket.AF_INET)[0][4][0] == "127.0.0.1"
-assert json.loads("[1]") == [1]
-for hidden in sys.argv[1:]:
-    assert os.listdir(hidden) == [], hidden
-print("ok")
-"""
-
-
-@pytest.mark.skipif(not ROOT, reason="needs root: mount namespace, bind mount, chroot")
-def test_the_interpreter_runs_chrooted_in_it(built: tuple[Rootfs, float]) -> None:
-    fs, _ = built
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            os.dup2(w, 1)
-            os.dup2(w, 2)
-            linux.unshare(linux.CLONE_NEWNS)
-            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-            prefix = str(fs.path / str(fs.python_prefix).lstrip("/"))
-            linux.mount(str(fs.python_prefix), prefix, None, linux.MS_BIND | linux.MS_REC)
-            linux.mount(None, prefix, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
-            for hidden in fs.hidden:
-                linux.mount("tmpfs", str(fs.path / str(hidden).lstrip("/")), "tmpfs", 0, "size=4k")
-            os.chroot(fs.path)
-            os.chdir("/")
-            argv = [PYTHON, "-I", "-S", "-c", _INSIDE, *map(str, fs.hidden)]
-            os.execve(PYTHON, argv, {"PATH": "/usr/bin:/bin"})
-        finally:
-            os._exit(127)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, out
-    assert out.strip() == "ok"
+    fs = build_rootfs(tmp_path / "sandbox", PYTHON, fake_base(tmp_path / "base"))
+    libssl = next(p for n, p in ldd(dynload("_ssl")).items() if n.startswith("libssl"))
+    inside, _ = resolve_merged(fs, libssl)
+    assert not os.path.samefile(inside, libssl)
+    assert inside.read_bytes() == Path(libssl).read_bytes()
+    assert stat.S_IMODE(inside.stat().st_mode) == stat.S_IMODE(os.stat(libssl).st_mode)

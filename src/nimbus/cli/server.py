@@ -161,6 +161,62 @@ def up(
             show_default="/srv:/mnt:/media:/home:/data:/tmp:/var/tmp",
         ),
     ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="NIMBUS_CACHE_DIR",
+            help="Shared by every node of this machine: the sandbox's base root filesystem.",
+            show_default="/var/cache/nimbus (root), else $XDG_CACHE_HOME/nimbus",
+        ),
+    ] = None,
+    base_root: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_BASE_ROOT",
+            help="A prepared root filesystem for instances, instead of building one.",
+            metavar="DIR",
+        ),
+    ] = None,
+    base_suite: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_BASE_SUITE",
+            help="The Debian suite the base root filesystem is built from.",
+            show_default="the host's Debian codename, else bookworm",
+        ),
+    ] = None,
+    base_mirror: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_BASE_MIRROR",
+            help="The Debian mirror the base root filesystem is built from.",
+            show_default="http://deb.debian.org/debian",
+        ),
+    ] = None,
+    region: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_REGION",
+            help="The region functions see (AWS_REGION) and ARNs carry.",
+            show_default="us-east-1",
+        ),
+    ] = None,
+    account_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_ACCOUNT_ID",
+            help="The 12-digit account id ARNs carry.",
+            show_default="000000000000",
+        ),
+    ] = None,
+    function_domain: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_FUNCTION_DOMAIN",
+            help="Each function is also served at the root of <name>.<domain>.",
+            show_default="localhost",
+        ),
+    ] = None,
     deploy: Annotated[
         list[Path] | None,
         typer.Option(
@@ -197,6 +253,13 @@ def up(
         mqtt_url=mqtt,
         amqp_url=amqp,
         files_roots=files_roots,
+        cache_dir=cache_dir,
+        base_root=base_root,
+        base_suite=base_suite,
+        base_mirror=base_mirror,
+        region=region,
+        account_id=account_id,
+        function_domain=function_domain,
     )
     from nimbus.server import serve
 

@@ -1,29 +1,30 @@
 """Dependency layers: ``pip install --target`` of a function's requirements.txt, cached.
 
 A layer lives at ``layers/<key>/`` under the data directory, read-only, where
-``key`` is the sha256 of the runtime and the normalised requirements (comments,
-blank lines and continuations do not change it). Layers are built in ``tmp/``
-and renamed into place, so a layer directory is always complete. One pip run
-per key at a time: concurrent deploys with the same requirements share it.
+``key`` is the sha256 of the runtime, the root filesystem it was built on and the
+normalised requirements (comments, blank lines and continuations do not change
+it). Layers are built in ``tmp/`` and renamed into place, so a layer directory is
+always complete. One pip run per key at a time: concurrent deploys with the same
+requirements share it.
 
-pip runs on the server, with the server's environment (so ``PIP_INDEX_URL``,
-``PIP_FIND_LINKS``, ``PIP_NO_INDEX`` set by the operator apply). That is why
-requirement lines that would choose another index, read other files on the
-server or expand the server's environment variables are refused.
+pip runs where the :class:`~nimbus.packaging.builder.Builder` says: sandboxed, on
+the root instances run on. It gets the operator's pip settings (``PIP_INDEX_URL``,
+``PIP_FIND_LINKS``, ``PIP_NO_INDEX``…) and nothing else of the server's
+environment. Requirement lines that would choose another index, read other files
+or expand environment variables are refused all the same.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import os
 import re
-import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from nimbus.errors import DependencyInstallError, InvalidParameterValue
+from nimbus.errors import InvalidParameterValue
+from nimbus.packaging.builder import Builder
 from nimbus.packaging.code import check_hex, publish_tree, remove_tree
 
 __all__ = ["LayerStore", "check_requirements", "has_requirements"]
@@ -41,9 +42,6 @@ _FORBIDDEN = (
     ("-f", "--find-links", "where packages come from is the server's setting"),
     ("", "--trusted-host", "it turns off TLS verification on the server"),
 )
-_TAIL_LINES = 40
-#: Seconds one pip run may take before the deploy fails.
-DEFAULT_TIMEOUT = 900.0
 
 
 def _text(requirements: bytes) -> str:
@@ -130,29 +128,36 @@ def check_requirements(requirements: bytes) -> None:
 class LayerStore:
     """Cached dependency layers (see the module docstring)."""
 
-    def __init__(self, root: Path, *, python: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """``python`` is the interpreter that runs pip (Nimbus's own ``sys.executable``)."""
+    def __init__(self, root: Path, builder: Builder, *, platform: str = "") -> None:
+        """``platform`` names what layers are built against (the base root's digest):
+        a layer built on another root is another layer."""
         self._layers = root / "layers"
         self._tmp = root / "tmp"
-        self._python = python
-        self._timeout = timeout
+        self._builder = builder
+        self._platform = platform
         self._locks: dict[str, asyncio.Lock] = {}
 
-    @staticmethod
-    def key(requirements: bytes, runtime: str) -> str:
-        """sha256 hex of ``runtime + "\\0" + normalised requirements``."""
-        data = runtime + "\0" + _normalised(requirements)
+    def key(self, requirements: bytes, runtime: str) -> str:
+        """sha256 hex of ``runtime + "\\0" + [platform + "\\0" +] normalised requirements``."""
+        head = runtime + "\0" + (self._platform + "\0" if self._platform else "")
+        data = head + _normalised(requirements)
         return hashlib.sha256(data.encode("utf-8", "surrogateescape")).hexdigest()
 
     def path(self, key: str) -> Path:
         """Where the layer with this key is (or would be)."""
         return self._layers / check_hex(key)
 
-    async def ensure(self, requirements: bytes, runtime: str) -> str:
+    async def ensure(
+        self,
+        requirements: bytes,
+        runtime: str,
+        progress: Callable[[str], None] | None = None,
+    ) -> str:
         """Build the layer for these requirements unless it exists; return its key.
 
         Raises :class:`InvalidParameterValue` for a refused line and
         :class:`DependencyInstallError` (with pip's own output) when pip fails.
+        ``progress`` gets pip's output as it comes.
         """
         check_requirements(requirements)
         key = self.key(requirements, runtime)
@@ -162,10 +167,12 @@ class LayerStore:
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             if not target.is_dir():
-                await self._build(_normalised(requirements), target)
+                await self._build(_normalised(requirements), target, progress or _ignore)
         return key
 
-    async def _build(self, requirements: str, target: Path) -> None:
+    async def _build(
+        self, requirements: str, target: Path, progress: Callable[[str], None]
+    ) -> None:
         def prepare() -> Path:
             self._layers.mkdir(parents=True, exist_ok=True)
             self._tmp.mkdir(parents=True, exist_ok=True)
@@ -177,54 +184,12 @@ class LayerStore:
             if requirements:
                 listing = work / "requirements.txt"
                 listing.write_text(requirements + "\n", encoding="utf-8", errors="surrogateescape")
-                await self._pip(work, site, listing)
+                await self._builder.install(work, listing, site, progress)
             site.mkdir(exist_ok=True)
             await asyncio.to_thread(publish_tree, site, target)
         finally:
             await asyncio.to_thread(remove_tree, work)
 
-    async def _pip(self, work: Path, site: Path, listing: Path) -> None:
-        env = dict(os.environ)
-        env["PIP_NO_WARN_SCRIPT_LOCATION"] = "1"
-        proc = await asyncio.create_subprocess_exec(
-            self._python,
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--target",
-            str(site),
-            "-r",
-            str(listing),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            cwd=work,
-            # Its own process group, so a timeout or cancel also stops builds pip started.
-            start_new_session=True,
-        )
-        try:
-            output, _ = await asyncio.wait_for(proc.communicate(), self._timeout)
-        except TimeoutError:
-            await _kill(proc)
-            raise DependencyInstallError(
-                f"installing requirements.txt timed out after {self._timeout:g} s"
-            ) from None
-        except BaseException:
-            await _kill(proc)
-            raise
-        if proc.returncode != 0:
-            lines = output.decode("utf-8", "replace").rstrip().splitlines()
-            raise DependencyInstallError(
-                "installing requirements.txt failed:\n" + "\n".join(lines[-_TAIL_LINES:])
-            )
 
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        await proc.wait()
+def _ignore(_: str) -> None:
+    return None

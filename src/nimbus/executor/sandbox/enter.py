@@ -58,16 +58,29 @@ def _bind_ro(source: str, target: str) -> None:
     linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
 
 
-def prepare_root(*, rootfs: str, prefix: str, hidden: Sequence[str]) -> None:
+def mount_root(rootfs: str, base: str) -> None:
+    """The root tree, at ``rootfs``: an overlay of Nimbus's layer (``rootfs`` itself,
+    as it was before this mount) over the base root filesystem; read-only, since it
+    has no upper directory."""
+    linux.mount(
+        "overlay",
+        rootfs,
+        "overlay",
+        linux.MS_NOSUID | linux.MS_NODEV,
+        f"lowerdir={rootfs}:{base}",
+    )
+
+
+def prepare_root(*, rootfs: str, base: str, prefix: str, hidden: Sequence[str]) -> None:
     """The function-independent half of the root, made in a shell before any request.
 
-    In the shell's own mount namespace: the prepared rootfs bound (then made
-    read-only), the interpreter prefix bound read-only at its own path with its
+    In the shell's own mount namespace: the root tree mounted (:func:`mount_root`, then
+    made read-only), the interpreter prefix bound read-only at its own path with its
     ``site-packages`` masked, a ``/dev`` holding only null, zero, full, random
     and urandom, and a fresh ``/proc`` (this process is in the new pid namespace).
     """
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
+    mount_root(rootfs, base)
     _bind_ro(prefix, rootfs + prefix)
     for path in hidden:
         linux.mount("tmpfs", rootfs + path, "tmpfs", RO | linux.MS_NOEXEC, "size=4k,mode=555")

@@ -1,21 +1,23 @@
-"""The instance's root filesystem: a small directory tree, built once per host.
+"""The runtime layer: Nimbus's own small tree over the base root, built once per node.
 
-An instance pivots into this tree, bind-mounted read-only as its ``/``. It holds
-only what the runtime's interpreter needs that lives *outside* its prefix: the
-shared libraries of the interpreter and of every standard-library extension
-module (found with ``ldd``, each at the same path as on the host), the dynamic
-loader, a handful of ``/etc`` files, the time-zone database, and empty
-mountpoints. The interpreter's prefix itself is not copied: an empty directory
-at the same path waits for the sandbox to bind the real prefix there read-only,
-and :attr:`Rootfs.hidden` names the prefix's ``site-packages`` for it to mask.
+An instance's ``/`` is an overlay of two read-only trees: this layer on top of
+the base root filesystem (:mod:`.baseroot`, a minimal Debian shared by every node
+of the machine). The layer holds what is Nimbus's or the host's rather than the
+distribution's: empty mountpoints (``/var/task``, ``/opt/python``, ``/tmp``, …),
+an empty directory at the runtime interpreter's prefix for the sandbox to bind the
+real prefix on read-only (:attr:`Rootfs.hidden` names its ``site-packages``, to
+mask), ``/var/lang`` pointing at that prefix (Lambda's interpreter directory), a
+minimal ``/etc`` (users, hosts, name service, the host's resolver), and any shared
+library the interpreter or its extension modules need (found with ``ldd``) that the
+base lacks — none when the host runs the base's own distribution.
 
 The tree is ``<base>/rootfs-<hash>``, where the hash covers every input (the
 interpreter's path and version, the list and mtimes of the libraries, the
-copied files, :data:`FORMAT`), so any change yields a new directory. It is built
-in a temporary directory beside it and renamed into place, so a reader never
-sees half a tree. ``<base>/rootfs.json`` remembers the inputs of the last build,
-which lets a restart re-check them with a few ``stat`` calls instead of running
-the interpreter and ``ldd`` again.
+copied files, the base root, :data:`FORMAT`), so any change yields a new
+directory. It is built in a temporary directory beside it and renamed into
+place, so a reader never sees half a tree. ``<base>/rootfs.json`` remembers the
+inputs of the last build, which lets a restart re-check them with a few ``stat``
+calls instead of running the interpreter and ``ldd`` again.
 
 Files are hard links to the host's when ``base`` is on the same filesystem,
 copies otherwise. Standard library only: this runs in the server.
@@ -43,7 +45,7 @@ __all__ = ["FORMAT", "MOUNTPOINTS", "Rootfs", "build_rootfs"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3
 """Bump when the layout changes: every host then rebuilds its tree."""
 
 MOUNTPOINTS: dict[str, str] = {
@@ -56,9 +58,8 @@ MOUNTPOINTS: dict[str, str] = {
     "mnt": "/mnt",
 }
 
-# Merged-/usr hosts make these symlinks (lib -> usr/lib); the tree repeats them
-# so every path resolves inside as it does outside.
-_TOP_LEVEL_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+#: Lambda's interpreter directory (``/var/lang/bin`` is on PATH).
+LANG_DIR = "/var/lang"
 
 _MANIFEST = "rootfs.json"
 _STALE_TEMP_SECONDS = 3600
@@ -90,10 +91,11 @@ _PASSWD = (
 _GROUP = "root:x:0:\nnogroup:x:65534:\n"
 _HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
 _NSSWITCH = "passwd: files\ngroup: files\nhosts: files dns\n"
-_ZONEINFO = "/usr/share/zoneinfo"
-# Copied (not linked) from the host when present: small, and the host may
-# rewrite them in place.
-_HOST_ETC = ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt", "/etc/ld.so.cache")
+# Copied (not linked) from the host when present: small, and the host may rewrite them
+# in place. The host's CA bundle replaces the base's, so that the authorities an
+# operator trusts (a company's, a proxy's) are trusted inside too. (Time zones and the
+# loader's cache are the base root's.)
+_HOST_ETC = ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,9 @@ class Rootfs:
     """A built root tree and what the sandbox must mount on it."""
 
     path: Path
-    """The tree, to be bind-mounted read-only as the instance's ``/``."""
+    """The layer; the instance's ``/`` is an overlay of it over :attr:`base`, read-only."""
+    base: Path
+    """The base root filesystem (:mod:`.baseroot`)."""
     python_prefix: Path
     """The runtime interpreter's ``sys.base_prefix``; an empty directory at this
     path exists inside :attr:`path` for the real prefix to be bound on."""
@@ -112,8 +116,9 @@ class Rootfs:
     """Name -> absolute path inside of an empty directory: see :data:`MOUNTPOINTS`."""
 
 
-def build_rootfs(base: Path, python: str) -> Rootfs:
-    """Return the root tree for ``python``, building it under ``base`` if needed.
+def build_rootfs(base: Path, python: str, base_root: Path) -> Rootfs:
+    """Return the layer for ``python`` over ``base_root``, building it under ``base`` if
+    needed.
 
     Idempotent: when nothing changed it costs a read of ``rootfs.json`` and a
     ``stat`` per input. Older ``rootfs-*`` trees are removed (best effort; a tree
@@ -122,9 +127,21 @@ def build_rootfs(base: Path, python: str) -> Rootfs:
     started = time.monotonic()
     base.mkdir(parents=True, exist_ok=True)
     exe = os.path.realpath(python)
+    for tree in (base, base_root):
+        if set(str(tree.resolve())) & set(",:\\"):
+            raise ServiceException(
+                f"the sandbox cannot use {tree}: an overlay mount cannot name a path "
+                "with ',', ':' or a backslash in it"
+            )
+    base_root = base_root.resolve()
     facts = _load_manifest(base, exe)
-    if facts is None or not (base / facts["name"]).is_dir():
+    if (
+        facts is None
+        or facts.get("base_root") != str(base_root)
+        or not (base / facts["name"]).is_dir()
+    ):
         facts = _probe(exe)
+        facts["base_root"] = str(base_root)
         facts["name"] = "rootfs-" + _digest(facts)
         target = base / facts["name"]
         if not target.is_dir():
@@ -139,6 +156,7 @@ def build_rootfs(base: Path, python: str) -> Rootfs:
     _remove_others(base, facts["name"])
     return Rootfs(
         path=base / facts["name"],
+        base=base_root,
         python_prefix=Path(facts["prefix"]),
         hidden=tuple(Path(p) for p in facts["hidden"]),
         mountpoints=dict(MOUNTPOINTS),
@@ -177,7 +195,7 @@ def _probe(exe: str) -> dict[str, Any]:
             if os.path.isdir(real := os.path.realpath(p)) and _under(real, prefix)
         }
     )
-    extras = [*_HOST_ETC, *info["ssl"], *_zoneinfo_stamps()]
+    extras = [*_HOST_ETC, *info["ssl"]]
     return {
         "format": FORMAT,
         "python": exe,
@@ -187,8 +205,9 @@ def _probe(exe: str) -> dict[str, Any]:
         "ssl": info["ssl"],
         "libs": _ldd(elves),
         # Everything whose change must yield a new tree. The lib-dynload directory
-        # and ld.so.cache stand for "a module was added" and "a library moved".
-        "inputs": sorted({*elves, dynload, *extras}),
+        # stands for "a module was added".
+        # ld.so.cache stands for "a library moved".
+        "inputs": sorted({*elves, dynload, *extras, "/etc/ld.so.cache"}),
     }
 
 
@@ -209,11 +228,6 @@ def _ldd(files: list[str]) -> list[str]:
     return sorted(found)
 
 
-def _zoneinfo_stamps() -> list[str]:
-    # tzdata updates rename files into these directories, changing their mtimes.
-    return [_ZONEINFO, *(e.path for e in _scandir(_ZONEINFO))]
-
-
 def _digest(facts: dict[str, Any]) -> str:
     stamps = []
     for path in [*facts["inputs"], *facts["libs"]]:
@@ -222,7 +236,7 @@ def _digest(facts: dict[str, Any]) -> str:
             stamps.append([path, st.st_mtime_ns, st.st_size])
         except OSError:
             stamps.append([path, None, None])
-    keyed = {k: facts[k] for k in ("format", "python", "version", "prefix", "libs")}
+    keyed = {k: facts[k] for k in ("format", "python", "version", "prefix", "libs", "base_root")}
     blob = json.dumps({**keyed, "stamps": stamps}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -267,17 +281,11 @@ def _build(base: Path, target: Path, facts: dict[str, Any]) -> None:
 
 def _populate(root: Path, facts: dict[str, Any]) -> None:
     prefix = facts["prefix"]
+    base = Path(facts["base_root"])
     _mkdir(root, prefix)
     for inside in MOUNTPOINTS.values():
         _mkdir(root, inside)
     os.chmod(root / "tmp", 0o1777)
-
-    for name in _TOP_LEVEL_LINKS:
-        host = "/" + name
-        if os.path.islink(host):
-            _mirror(root, host, prefix)
-            # An empty target keeps e.g. /bin resolvable even with nothing in it.
-            _mkdir(root, os.path.realpath(host))
 
     _mkdir(root, "/etc")
     _write(root, "/etc/passwd", _PASSWD)
@@ -291,26 +299,27 @@ def _populate(root: Path, facts: dict[str, Any]) -> None:
             continue
         _mkdir(root, os.path.dirname(host))
         _write(root, host, data)
-    os.symlink(_ZONEINFO + "/UTC", root / "etc/localtime")
-    if os.path.isdir(_ZONEINFO) and not _under(_ZONEINFO, prefix):
-        _mkdir(root, os.path.dirname(_ZONEINFO))
-        shutil.copytree(_ZONEINFO, _inside(root, _ZONEINFO), symlinks=True, copy_function=_link)
+    # Lambda's interpreter lives in /var/lang (PATH has /var/lang/bin): here it is the
+    # runtime's own prefix, bound read-only at its real path.
+    if prefix != LANG_DIR and not _under(LANG_DIR, prefix):
+        _mkdir(root, os.path.dirname(LANG_DIR))
+        os.symlink(prefix, _inside(root, LANG_DIR))
 
-    # OpenSSL looks for its CA bundle through <OPENSSLDIR>/cert.pem and certs/, which on
-    # Debian are symlinks into /etc/ssl/certs: without them create_default_context()
-    # trusts nothing.
+    # What the interpreter needs that the base root lacks (nothing, when the host runs
+    # the base's own distribution): the host's files, at their host paths.
     for path in [*facts["libs"], *facts["ssl"]]:
         if os.path.lexists(path):
-            _mirror(root, path, prefix)
+            _mirror(root, base, path, prefix)
 
 
-def _mirror(root: Path, path: str, prefix: str) -> None:
-    """Make ``path`` resolve inside ``root`` as it does on the host.
+def _mirror(root: Path, base: Path, path: str, prefix: str) -> None:
+    """Make ``path`` resolve in the merged root (``root`` over ``base``) as on the host.
 
-    Walks ``path`` one component at a time like ``realpath``: every symlink met on
-    the way is recreated with the same target text and followed, directories are
-    created, and the final file is linked or copied. Anything under ``prefix`` is
-    left alone: the sandbox binds the real prefix there.
+    Walks ``path`` one component at a time like ``realpath``, in the merged view: a
+    symlink of the base (``/lib`` -> ``usr/lib``) is followed, never shadowed; one only
+    the host has is recreated with the same target text; directories are created; the
+    final file is linked or copied unless the base already has a file there. Anything
+    under ``prefix`` is left alone: the sandbox binds the real prefix there.
     """
     pending = list(reversed(path.split("/")))
     current = "/"
@@ -326,16 +335,22 @@ def _mirror(root: Path, path: str, prefix: str) -> None:
         if _under(host, prefix):
             return
         inside = _inside(root, host)
-        if os.path.islink(host):
+        below = _inside(base, host)
+        link = None
+        if os.path.islink(inside):
+            link = os.readlink(inside)
+        elif not os.path.lexists(inside) and os.path.islink(below):
+            link = os.readlink(below)
+        elif not os.path.lexists(inside) and not os.path.lexists(below) and os.path.islink(host):
+            link = os.readlink(host)
+            os.symlink(link, inside)
+        if link is not None:
             hops += 1
             if hops > 40:
                 raise ServiceException(f"too many symlinks resolving {path}")
-            target = os.readlink(host)
-            if not os.path.lexists(inside):
-                os.symlink(target, inside)
-            if target.startswith("/"):
+            if link.startswith("/"):
                 current = "/"
-            pending.extend(reversed(target.split("/")))
+            pending.extend(reversed(link.split("/")))
             continue
         if os.path.isdir(host):
             if not os.path.isdir(inside):
@@ -343,7 +358,7 @@ def _mirror(root: Path, path: str, prefix: str) -> None:
                 os.chmod(inside, 0o755)
         elif pending:
             return  # a file in the middle of a path: nothing more to resolve
-        elif not os.path.lexists(inside):
+        elif not os.path.lexists(inside) and not os.path.lexists(below):
             _link(host, str(inside))
         current = host
 

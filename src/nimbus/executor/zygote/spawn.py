@@ -143,7 +143,12 @@ def shell(
         os.close(report_fd)
         try:
             assert root is not None
-            enter.prepare_root(rootfs=root["rootfs"], prefix=root["prefix"], hidden=root["hidden"])
+            enter.prepare_root(
+                rootfs=root["rootfs"],
+                base=root["base"],
+                prefix=root["prefix"],
+                hidden=root["hidden"],
+            )
             enter.harden(nofile=root["nofile"])
         except BaseException:
             os._exit(1)  # init reports it; the zygote then drops this shell
