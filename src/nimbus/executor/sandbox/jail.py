@@ -124,7 +124,7 @@ def _binds(rootfs: str, binds: list[list[Any]]) -> None:
             os.makedirs(target, exist_ok=True)
         else:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            open(target, "a").close()  # noqa: SIM115 - a mountpoint for a file
+            open(target, "a").close()
         linux.mount(host, target, None, linux.MS_BIND | linux.MS_REC)
         flags = linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID | linux.MS_NODEV
         if not writable:
