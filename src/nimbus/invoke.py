@@ -5,12 +5,15 @@ and metrics live here, once.
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 
 from nimbus.errors import RequestTooLarge, TooManyRequests
 from nimbus.executor.core import InitFailed
+from nimbus.executor.platformlog import PlatformLog
 from nimbus.functions import Functions
-from nimbus.models import InvokeResult
+from nimbus.models import InvokeContext, InvokeResult, Version
 from nimbus.observability.logs import LogStore
 from nimbus.observability.metrics import Metrics
 from nimbus.scheduling import Scheduler
@@ -35,7 +38,12 @@ class Invoker:
         self._starts: dict[str, list[int]] = {}
 
     async def invoke(
-        self, name: str, event: bytes, *, request_id: uuid.UUID | None = None
+        self,
+        name: str,
+        event: bytes,
+        *,
+        request_id: uuid.UUID | None = None,
+        context: InvokeContext | None = None,
     ) -> InvokeResult:
         """Run ``name`` on ``event`` (JSON bytes) synchronously.
 
@@ -51,6 +59,7 @@ class Invoker:
             )
         rid = request_id or uuid.uuid4()
         rid_text = str(rid)
+        trace = (context.trace_id if context is not None else None) or new_trace_id()
         try:
             inst = await self._scheduler.acquire(version)
         except TooManyRequests:
@@ -58,11 +67,11 @@ class Invoker:
             raise
         except InitFailed as e:
             result = InvokeResult(rid_text, e.body, error="Init", init_ms=e.init_ms, cold=True)
-            self._log_init_failure(version.name, version.number, version.spec.memory, result)
+            self._log_init_failure(version, result)
             self._metrics.observe(name, result)
             return result
         try:
-            result = await inst.invoke(rid_text, rid.bytes, event)
+            result = await inst.invoke(rid_text, rid.bytes, event, trace, context)
         finally:
             self._scheduler.release(inst)
         self._metrics.observe(name, result)
@@ -77,16 +86,16 @@ class Invoker:
         cold, warm = self._starts.get(name, (0, 0))
         return {"cold": cold, "warm": warm}
 
-    def _log_init_failure(self, name: str, number: int, memory: int, r: InvokeResult) -> None:
-        emit = self._logs.emit
-        emit(name, number, "", r.request_id, f"START RequestId: {r.request_id} Version: {number}")
-        emit(name, number, "", r.request_id, f"END RequestId: {r.request_id}")
-        emit(
-            name,
-            number,
-            "",
-            r.request_id,
-            f"REPORT RequestId: {r.request_id}\tDuration: {r.duration_ms:.2f} ms\t"
-            f"Billed Duration: {r.billed_ms} ms\tMemory Size: {memory} MB\t"
-            f"Max Memory Used: 0 MB\tInit Duration: {r.init_ms or 0:.2f} ms\tStatus: error",
-        )
+    def _log_init_failure(self, version: Version, r: InvokeResult) -> None:
+        platform = PlatformLog(version.spec, version.number)
+        lines = [platform.start(r.request_id), *platform.trailer(r)]
+        for line in lines:
+            if line is not None:
+                self._logs.emit(version.name, version.number, "", r.request_id, line)
+
+
+def new_trace_id(now: float | None = None) -> str:
+    """An X-Ray trace header for an invocation that came without one, as Lambda makes
+    them: ``Root=1-<epoch seconds, hex>-<96 random bits>;Parent=<64>;Sampled=0``."""
+    seconds = int(time.time() if now is None else now)
+    return f"Root=1-{seconds:08x}-{os.urandom(12).hex()};Parent={os.urandom(8).hex()};Sampled=0"

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from nimbus.errors import InvalidParameterValue
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+#: ``module.function``; the module may be dotted or in a directory (``dir/app.handler``).
+HANDLER_RE = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*([./][A-Za-z_][A-Za-z0-9_]*)*\.[A-Za-z_][A-Za-z0-9_]*$"
+)
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: Environment variables the platform sets itself; a spec may not override them.
@@ -31,6 +34,9 @@ RESERVED_ENV = frozenset(
         "AWS_LAMBDA_LOG_GROUP_NAME",
         "AWS_LAMBDA_LOG_STREAM_NAME",
         "AWS_EXECUTION_ENV",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "_X_AMZN_TRACE_ID",
         "NIMBUS_FUNCTION_NAME",
     }
 )
@@ -88,6 +94,24 @@ class AsyncSpec(BaseModel):
         return v
 
 
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"]
+
+
+class LoggingSpec(BaseModel):
+    """Lambda's LoggingConfig (``logging:`` in ``nimbus.yaml``): the format of the
+    runtime's and the platform's log lines, and the levels that pass."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``Text``: Lambda's tab-separated lines; ``JSON``: one JSON object per record.
+    format: Literal["Text", "JSON"] = "Text"
+    #: The function's own records that pass (the root logger's level, as
+    #: ``AWS_LAMBDA_LOG_LEVEL``); None: Python's default.
+    application_level: LogLevel | None = None
+    #: The platform's records that pass: ``WARN`` hides START, END and REPORT.
+    system_level: Literal["DEBUG", "INFO", "WARN"] | None = None
+
+
 class FunctionSpec(BaseModel):
     """A function's configuration, as in ``nimbus.yaml``. Immutable once part of a version."""
 
@@ -107,6 +131,8 @@ class FunctionSpec(BaseModel):
     ephemeral_storage: int = Field(default=512, ge=512, le=10240)
     #: Asynchronous invocation settings (``async:`` in YAML).
     async_: AsyncSpec = Field(default_factory=AsyncSpec, alias="async")
+    #: Log format and levels (Lambda's LoggingConfig).
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
     #: Event sources: ``{type: schedule|nats|redis|mqtt|amqp|files, ...}`` (nimbus.triggers).
     triggers: tuple[dict[str, Any], ...] = ()
     description: str = Field(default="", max_length=256)
@@ -238,12 +264,43 @@ def parse_spec(data: Any, *, known_runtimes: frozenset[str] | None = None) -> Fu
         raise InvalidParameterValue(
             "invalid function spec: scaling.min must not exceed scaling.max"
         )
+    levels = spec.logging.application_level or spec.logging.system_level
+    if levels and spec.logging.format != "JSON":
+        raise InvalidParameterValue(
+            "invalid function spec: logging: application_level and system_level need "
+            "format: JSON (as on Lambda)"
+        )
     if spec.scaling.concurrency != 1:
         raise InvalidParameterValue(
             "invalid function spec: scaling.concurrency: python runtimes serve one "
             "invocation at a time per instance; it must be 1"
         )
     return spec
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """Where this node says functions live: the region (``AWS_REGION``) and account of
+    their ARNs."""
+
+    region: str = "us-east-1"
+    account_id: str = "000000000000"
+
+    def function_arn(self, name: str, qualifier: str | int | None = None) -> str:
+        arn = f"arn:aws:lambda:{self.region}:{self.account_id}:function:{name}"
+        return f"{arn}:{qualifier}" if qualifier is not None else arn
+
+
+@dataclass(frozen=True, slots=True)
+class InvokeContext:
+    """What an invocation carries besides its event (Lambda's Runtime API headers)."""
+
+    #: ``Root=1-…;Parent=…;Sampled=…`` (``X-Amzn-Trace-Id``); None: Nimbus makes one.
+    trace_id: str | None = None
+    #: The client context (mobile SDKs' ``X-Amz-Client-Context``), decoded.
+    client_context: dict[str, Any] | None = None
+    #: The Cognito identity, when the caller has one.
+    identity: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +362,9 @@ class InvokeResult:
     duration_ms: float = 0.0
     max_memory_mb: int = 0
     init_ms: float | None = None
+    #: A fork of an initialised function zygote (SnapStart's restore): how long its
+    #: after-restore hooks took, reported instead of an init.
+    restore_ms: float | None = None
     cold: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -30,9 +30,10 @@ from nimbus.executor.core import Executor, Launcher
 from nimbus.executor.sandbox.baseroot import BaseRoot
 from nimbus.functions import Functions, read_spec_file
 from nimbus.gateway import Gateway
-from nimbus.gateway.app import PREFIX
+from nimbus.gateway.app import PREFIX, function_host
 from nimbus.gateway.asyncapp import ASYNC_PREFIX, AsyncGateway, is_event_invoke
 from nimbus.invoke import Invoker
+from nimbus.models import Account
 from nimbus.observability.logs import LogStore
 from nimbus.observability.metrics import Metrics
 from nimbus.packaging import CodeStore, LayerStore, package_directory
@@ -77,6 +78,7 @@ class Nimbus:
             self.logs.emit,
             max_log_bytes=settings.max_log_bytes_per_invocation,
             max_result=settings.max_sync_payload,
+            account=Account(settings.region, settings.account_id),
         )
         self.scheduler = Scheduler(
             self.executor,
@@ -105,6 +107,7 @@ class Nimbus:
             max_payload=settings.max_sync_payload,
         )
         self.gateway = Gateway(self.invoker)
+        self._host_suffix = b"." + settings.function_domain.encode("ascii")
         self.async_invoker = AsyncInvoker(
             SqliteQueue(data / "queue.db"),
             self.functions,
@@ -146,8 +149,11 @@ class Nimbus:
         self.api.include_router(triggers_router(self.functions, self.schedules, self.events))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """The ASGI entry point: the gateway's prefix goes straight to it, the rest to the API."""
-        if scope["type"] == "http" and scope["path"].startswith(PREFIX):
+        """The ASGI entry point: a function's own host and the gateway's prefix go straight
+        to the gateway, the rest to the API."""
+        if scope["type"] == "http" and (name := function_host(scope, self._host_suffix)):
+            await self.gateway.serve(scope, receive, send, name, scope["path"] or "/")
+        elif scope["type"] == "http" and scope["path"].startswith(PREFIX):
             await self.gateway(scope, receive, send)
         elif scope["type"] == "http" and scope["path"].startswith(ASYNC_PREFIX):
             await self.async_gateway(scope, receive, send)

@@ -84,9 +84,15 @@ def test_handler_exception_is_lambda_error_shape(server: NimbusServer) -> None:
     err = r.json()
     assert err["errorType"] == "PaymentDeclined"
     assert err["errorMessage"] == "card 4242 was declined"
-    assert any("app.py" in line for line in err["stackTrace"])
+    # Lambda's stack trace, of the function's own code: no frame of the runtime, no host path.
+    assert len(err["stackTrace"]) == 1, err["stackTrace"]
+    assert err["stackTrace"][0].startswith('  File "/var/task/app.py", line 6, in handler')
+    assert "bootstrap" not in r.text and str(server.data_dir) not in r.text
+    # Through the gateway, as a function URL answers: 502 and nothing of the error.
     g = server.client.get("/function/inv-fails")
-    assert g.status_code == 502 and g.json()["errorType"] == "PaymentDeclined"
+    assert g.status_code == 502
+    assert g.json() == {"message": "Internal Server Error"}
+    assert g.headers["x-nimbus-function-error"] == "Unhandled"
 
 
 def test_init_errors(server: NimbusServer) -> None:
@@ -129,7 +135,8 @@ def test_gateway_timeout_is_504(server: NimbusServer) -> None:
     assert server.deploy("timeout", name="inv-timeout504").status_code == 201
     r = server.client.get("/function/inv-timeout504", params={"sleep": 5})
     assert r.status_code == 504
-    assert r.json()["errorMessage"] == "Task timed out after 1.00 seconds"
+    assert r.json() == {"message": "Endpoint request timed out"}
+    assert r.headers["x-nimbus-function-error"] == "Timeout"
     assert server.client.get("/function/inv-timeout504").status_code == 200
 
 

@@ -102,7 +102,7 @@ def test_has_a_shell_tools_certificates_time_zones_and_locales(base: BaseRoot) -
     assert (root / "usr/share/zoneinfo/Europe/Paris").is_file()
     assert os.readlink(root / "etc/localtime") == "/usr/share/zoneinfo/Etc/UTC"
     assert (root / "etc/services").is_file()
-    assert (root / "usr/lib/locale/locale-archive").is_file()
+    assert (root / "usr/lib/locale/en_US.utf8/LC_CTYPE").is_file()
 
 
 def test_no_setuid_no_passwords_no_package_caches(base: BaseRoot) -> None:

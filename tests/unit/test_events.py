@@ -63,7 +63,12 @@ def test_event_shape() -> None:
         "routeKey": "$default",
         "rawPath": "/a/b",
         "rawQueryString": "",
-        "headers": {"host": "api.example.com", "user-agent": "curl/8.5.0"},
+        "headers": {
+            "host": "api.example.com",
+            "user-agent": "curl/8.5.0",
+            "x-forwarded-for": "203.0.113.7",
+            "x-forwarded-proto": "http",
+        },
         "requestContext": {
             "accountId": "anonymous",
             "apiId": "nimbus",
@@ -193,6 +198,37 @@ def test_cookies_without_space_after_separator() -> None:
     assert ev["cookies"] == ["a=1", "b=2"]
 
 
+def test_proxy_headers_as_a_function_url_adds_them() -> None:
+    sc = scope(headers=[(b"host", b"h"), (b"x-forwarded-for", b"198.51.100.1")])
+    sc["server"] = ("127.0.0.1", 8080)
+    raw = build_event(
+        sc, b"", "/docs", "req-1", NOW, trace_id="Root=1-abc-def", prefix="/function/app"
+    )
+    headers = orjson.loads(raw)["headers"]
+    assert headers["x-forwarded-for"] == "198.51.100.1, 203.0.113.7"  # appended, not replaced
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-port"] == "8080"
+    assert headers["x-forwarded-prefix"] == "/function/app"
+    assert headers["x-amzn-trace-id"] == "Root=1-abc-def"
+    assert orjson.loads(raw)["rawPath"] == "/docs"
+
+
+def test_a_proxy_in_front_keeps_its_scheme_port_and_prefix() -> None:
+    sc = scope(
+        headers=[
+            (b"host", b"h"),
+            (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-port", b"443"),
+            (b"x-forwarded-prefix", b"/faas/"),
+        ]
+    )
+    sc["server"] = ("127.0.0.1", 8080)
+    headers = orjson.loads(build_event(sc, b"", "/", "r", NOW, prefix="/function/x"))["headers"]
+    assert headers["x-forwarded-proto"] == "https"
+    assert headers["x-forwarded-port"] == "443"
+    assert headers["x-forwarded-prefix"] == "/faas/function/x"
+
+
 def test_no_cookies_omits_list() -> None:
     assert "cookies" not in event()
     assert "cookies" not in event(scope(headers=[(b"cookie", b"")]))
@@ -213,6 +249,8 @@ def test_repeated_headers_joined_and_names_lowercased() -> None:
         "host": "h",
         "x-multi": "one,two",
         "accept": "text/html, application/json",
+        "x-forwarded-for": "203.0.113.7",
+        "x-forwarded-proto": "http",
     }
 
 

@@ -8,6 +8,7 @@ as ``{"error": {"code", "message"}}`` (see :mod:`nimbus.errors`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import shutil
@@ -39,7 +40,7 @@ from nimbus.functions import Functions
 from nimbus.gateway.app import read_body
 from nimbus.gateway.asyncapp import accept_event, json_event
 from nimbus.invoke import Invoker
-from nimbus.models import FunctionRecord, FunctionSpec, Version
+from nimbus.models import FunctionRecord, FunctionSpec, InvokeContext, Version
 from nimbus.observability.logs import LogStore, parse_since
 from nimbus.observability.metrics import Metrics
 from nimbus.packaging.zips import too_large
@@ -58,6 +59,33 @@ class JSONResponse(Response):
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: Lambda's limit on a client context, bytes of base64.
+MAX_CLIENT_CONTEXT = 3583
+
+
+def invoke_context(headers: Any) -> InvokeContext:
+    """``X-Amzn-Trace-Id`` and ``X-Amz-Client-Context`` (base64 JSON, as the Lambda API
+    takes it) of a direct invoke."""
+    trace = headers.get("x-amzn-trace-id")
+    raw = headers.get("x-amz-client-context")
+    client_context = None
+    if raw:
+        if len(raw) > MAX_CLIENT_CONTEXT:
+            raise InvalidParameterValue(
+                f"X-Amz-Client-Context is {len(raw)} bytes; the limit is {MAX_CLIENT_CONTEXT}"
+            )
+        try:
+            client_context = orjson.loads(base64.b64decode(raw, validate=True))
+        except (ValueError, orjson.JSONDecodeError):
+            raise InvalidParameterValue(
+                "X-Amz-Client-Context must be a base64-encoded JSON object"
+            ) from None
+        if not isinstance(client_context, dict):
+            raise InvalidParameterValue("X-Amz-Client-Context must be a JSON object")
+    valid_trace = trace if trace and trace.startswith("Root=") and len(trace) <= 256 else None
+    return InvokeContext(trace_id=valid_trace, client_context=client_context)
 
 
 def _error(e: NimbusError) -> JSONResponse:
@@ -232,8 +260,9 @@ def build_api(
             return await invoke_event(name, request, async_invoker)
         if kind == "DryRun":
             return Response(status_code=204)
+        context = invoke_context(request.headers)
         body = json_event(await read_body(request.scope, request.receive, invoker.max_payload))
-        result = await invoker.invoke(name, body)
+        result = await invoker.invoke(name, body, context=context)
         headers = {"x-nimbus-request-id": result.request_id}
         if result.error is not None:
             headers["x-nimbus-function-error"] = result.error

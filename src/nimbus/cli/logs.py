@@ -60,7 +60,9 @@ def logs(
 def _print(record: Any, *, timestamps: bool) -> None:
     if not isinstance(record, dict):
         return
-    message = str(record.get("message", "")).rstrip("\r\n")
+    # One record can hold several lines (a traceback), joined by "\r" as Lambda's runtime
+    # does; a terminal would draw them over each other.
+    message = str(record.get("message", "")).rstrip("\r\n").replace("\r", "\n")
     if timestamps:
         # click strips the style when stdout is not a terminal.
         message = typer.style(_time(record.get("time")), dim=True) + " " + message

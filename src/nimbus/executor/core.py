@@ -30,6 +30,7 @@ from nimbus.executor.launcher import (
     ProcessLauncher,
 )
 from nimbus.executor.output import OutputContext, OutputReader
+from nimbus.executor.platformlog import PlatformLog
 from nimbus.executor.protocol import (
     INIT_ERROR,
     READY,
@@ -38,8 +39,8 @@ from nimbus.executor.protocol import (
     InstanceGone,
     encode_frame,
 )
-from nimbus.models import Version
-from nimbus.runtimes.python.bootstrap import UNFORKABLE
+from nimbus.models import Account, Version
+from nimbus.runtimes.python.bootstrap import RESTORED, UNFORKABLE
 from nimbus.runtimes.registry import PythonRuntime
 
 __all__ = [
@@ -95,8 +96,10 @@ class Executor:
         *,
         max_log_bytes: int,
         max_result: int = 6 * 1024 * 1024,
+        account: Account | None = None,
     ) -> None:
         self._launcher = launcher
+        self._account = account or Account()
         self._runtimes = runtimes
         self._code_path = code_path
         self._layer_path = layer_path
@@ -117,7 +120,7 @@ class Executor:
         if not self.function_zygotes or (version.name, version.number) in self._unforkable:
             return await self._start(version)
         try:
-            zygote = await self._zygote_for(version)
+            zygote, made = await self._zygote_for(version)
         except Unforkable:
             return await self._start(version)
         zygote.hold()  # counted from now: the zygote must not stop while it forks this one
@@ -127,6 +130,9 @@ class Executor:
             zygote.release()
             raise
         zygote.attach(instance)
+        init_ms = zygote.instance.init_ms
+        if made and init_ms is not None:
+            instance.ran_init(init_ms)  # the init ran for this request: it waited for it
         return instance
 
     async def launch(
@@ -148,7 +154,15 @@ class Executor:
         layer_root = self._launcher.layer_root(layer_dir) if layer_dir is not None else None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         read_fd, write_fd = os.pipe()
-        env = runtime.environment(version, task_root, layer_root, instance_id)
+        env = runtime.environment(
+            version,
+            task_root,
+            layer_root,
+            instance_id,
+            account=self._account,
+            sandboxed=self._launcher.sandboxed,
+            initialization="snap-start" if as_zygote or zygote_of else "on-demand",
+        )
         if self._launcher.spec_over_socket:
             # Waits in the socket's buffer (a few KB at most) until the instance reads it.
             parent.sendall(
@@ -207,6 +221,7 @@ class Executor:
 
         loop = asyncio.get_running_loop()
         emit = partial(self._emit, spec.name, version.number, instance_id)
+        platform = PlatformLog(spec, version.number)
         output = OutputReader(emit, token.encode(), self._max_log_bytes)
         # Open the init's context before reading: a forked instance can finish its init
         # (and write its sentinel) before the pipe is even connected.
@@ -222,7 +237,7 @@ class Executor:
         except TimeoutError:
             self._discard(process, channel)
             message = f"Init timed out after {spec.timeout:.2f} seconds"
-            self._init_failed(output, init_ctx, spec.timeout * 1000, "Sandbox.Timedout")
+            self._init_failed(output, init_ctx, platform, spec.timeout * 1000, "Sandbox.Timedout")
             raise InitFailed(
                 error_body("Sandbox.Timedout", message), spec.timeout * 1000, "Sandbox.Timedout"
             ) from None
@@ -230,7 +245,7 @@ class Executor:
             returncode = await _wait(process)
             message = describe_exit(returncode)
             emit("", message)
-            self._init_failed(output, init_ctx, 0.0, "Runtime.ExitError")
+            self._init_failed(output, init_ctx, platform, 0.0, "Runtime.ExitError")
             raise InitFailed(
                 error_body("Runtime.ExitError", message), 0.0, "Runtime.ExitError"
             ) from None
@@ -256,7 +271,7 @@ class Executor:
                     ],
                 )
                 raise InitFailed(frame.body, init_ms, error_type)
-            self._init_failed(output, init_ctx, init_ms, error_type)
+            self._init_failed(output, init_ctx, platform, init_ms, error_type)
             raise InitFailed(frame.body, init_ms, error_type)
         if frame.kind != READY:
             self._discard(process, channel)
@@ -265,7 +280,19 @@ class Executor:
                 init_ms,
                 "Runtime.InvalidResponse",
             )
-        return Instance(instance_id, version, process, channel, output, emit, init_ms)
+        restored = frame.number == RESTORED
+        return Instance(
+            instance_id,
+            version,
+            process,
+            channel,
+            output,
+            emit,
+            None if restored else init_ms,
+            restore_ms=init_ms if restored else None,
+            platform=platform,
+            arn=self._account.function_arn(spec.name),
+        )
 
     # -- function zygotes ----------------------------------------------------------------
     @property
@@ -273,13 +300,14 @@ class Executor:
         """Whether instances are forked from per-version function zygotes."""
         return bool(getattr(self._launcher, "function_zygotes", False))
 
-    async def _zygote_for(self, version: Version) -> FunctionZygote:
-        """The version's zygote, started (its init run) if it is not up."""
+    async def _zygote_for(self, version: Version) -> tuple[FunctionZygote, bool]:
+        """The version's zygote, started (its init run) if it is not up; whether this
+        call started it."""
         key = (version.name, version.number)
         async with self._zygote_locks.setdefault(key, asyncio.Lock()):
             zygote = self._zygotes.get(key)
             if zygote is not None and zygote.alive:
-                return zygote
+                return zygote, False
             for other, old in list(self._zygotes.items()):
                 if other[0] == version.name and other != key:
                     old.retire()  # a new version: the old zygote goes once its instances do
@@ -295,13 +323,11 @@ class Executor:
             launch_id = f"{version.name}-zygote-{instance.id}"
             zygote = FunctionZygote(launch_id, instance, self._stop_zygote)
             self._zygotes[key] = zygote
-            if instance._init_ms is not None:
-                instance._emit(
-                    "",
-                    f"INIT_REPORT Init Duration: {instance._init_ms:.2f} ms\tPhase: zygote\t"
-                    "Status: success",
-                )
-            return zygote
+            if instance.init_ms is not None:
+                line = instance.platform.init_report(instance.init_ms, "zygote", kind="snap-start")
+                if line is not None:
+                    instance.emit_line(line)
+            return zygote, True
 
     def prepare(self, version: Version) -> None:
         """A version was published: start its function zygote now (as Lambda SnapStart
@@ -313,7 +339,7 @@ class Executor:
         async def prewarm() -> None:
             # An init error is in the function's logs, and retried on use.
             with contextlib.suppress(InitFailed, Unforkable):
-                (await self._zygote_for(version)).idle_if_unused()
+                (await self._zygote_for(version))[0].idle_if_unused()
 
         task = asyncio.get_running_loop().create_task(prewarm())
         self._reaping.add(task)
@@ -372,15 +398,14 @@ class Executor:
 
     @staticmethod
     def _init_failed(
-        output: OutputReader, ctx: OutputContext, init_ms: float, error_type: str
+        output: OutputReader,
+        ctx: OutputContext,
+        platform: PlatformLog,
+        init_ms: float,
+        error_type: str,
     ) -> None:
-        output.finish(
-            ctx,
-            [
-                f"INIT_REPORT Init Duration: {init_ms:.2f} ms\tPhase: init\tStatus: error\t"
-                f"Error Type: {error_type}"
-            ],
-        )
+        line = platform.init_report(init_ms, "init", error_type)
+        output.finish(ctx, [line] if line is not None else [])
 
 
 def _error_type(body: bytes) -> str:

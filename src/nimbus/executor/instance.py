@@ -22,8 +22,9 @@ import orjson
 
 from nimbus.executor.launcher import InstanceProcess
 from nimbus.executor.output import OutputReader
+from nimbus.executor.platformlog import PlatformLog
 from nimbus.executor.protocol import ERROR, INVOKE, RESULT, Channel, Frame, InstanceGone
-from nimbus.models import ErrorKind, InvokeResult, Version
+from nimbus.models import ErrorKind, InvokeContext, InvokeResult, Version
 
 Emit = Callable[[str, str], None]
 
@@ -76,7 +77,11 @@ class Instance:
         channel: Channel,
         output: OutputReader,
         emit: Emit,
-        init_ms: float,
+        init_ms: float | None,
+        *,
+        restore_ms: float | None = None,
+        platform: PlatformLog | None = None,
+        arn: str = "",
     ) -> None:
         self.id = instance_id
         self.version = version
@@ -87,13 +92,34 @@ class Instance:
         self._channel = channel
         self._output = output
         self._emit = emit
-        #: Reported (then cleared) with the first invocation: that one was a cold start.
+        self.platform = platform or PlatformLog(version.spec, version.number)
+        #: The function's ARN, as its handler's ``context`` shows it.
+        self.arn = arn
+        #: Reported (then cleared) with the first invocation: that one was a cold start,
+        #: with an init of its own, or a restore (a fork of an initialised zygote).
         self._init_ms: float | None = init_ms
+        self._restore_ms: float | None = restore_ms
+        self._cold = True
+
+    @property
+    def init_ms(self) -> float | None:
+        """The init this instance ran itself (None for a fork of a function zygote)."""
+        return self._init_ms
 
     def prewarmed(self) -> None:
-        """Started ahead of demand: no invocation waited for its init (as with Lambda's
+        """Started ahead of demand: no invocation waited for its start (as with Lambda's
         provisioned concurrency, no ``Init Duration`` is reported)."""
-        self._init_ms = None
+        self._init_ms = self._restore_ms = None
+        self._cold = False
+
+    def ran_init(self, init_ms: float) -> None:
+        """The first invocation waited for an init that ran for this instance elsewhere
+        (its function zygote's, started for it): report that init, not the fork."""
+        self._init_ms, self._restore_ms = init_ms, None
+
+    def emit_line(self, line: str) -> None:
+        """A line of the platform's in this instance's log, outside any invocation."""
+        self._emit("", line)
 
     @property
     def pid(self) -> int:
@@ -103,17 +129,34 @@ class Instance:
     def alive(self) -> bool:
         return self.state is not State.DEAD
 
-    async def invoke(self, request_id: str, rid_bytes: bytes, event: bytes) -> InvokeResult:
+    async def invoke(
+        self,
+        request_id: str,
+        rid_bytes: bytes,
+        event: bytes,
+        trace_id: str = "",
+        context: InvokeContext | None = None,
+    ) -> InvokeResult:
         """Run one invocation. Never raises for anything the function did."""
         spec = self.version.spec
         self.state = State.BUSY
         self.invocations += 1
         loop = asyncio.get_running_loop()
         ctx = self._output.open(request_id)
-        self._emit(request_id, f"START RequestId: {request_id} Version: {self.version.number}")
+        start = self.platform.start(request_id)
+        if start is not None:
+            self._emit(request_id, start)
         timeout = spec.timeout
+        meta: dict[str, object] = {"trace": trace_id, "arn": self.arn}
+        if context is not None:
+            if context.client_context is not None:
+                meta["client_context"] = context.client_context
+            if context.identity is not None:
+                meta["identity"] = context.identity
         started = time.perf_counter()
-        reply = self._channel.send(INVOKE, rid_bytes, time.time() + timeout, event)
+        reply = self._channel.send(
+            INVOKE, rid_bytes, time.time() + timeout, event, orjson.dumps(meta)
+        )
         timer = loop.call_later(timeout, expire, reply)
         error: ErrorKind | None = None
         memory_kib = 0
@@ -156,7 +199,9 @@ class Instance:
                 body = error_body("Runtime.InvalidResponse", "unexpected frame from instance")
         finally:
             timer.cancel()
-        init_ms, self._init_ms = self._init_ms, None
+        init_ms, restore_ms, cold = self._init_ms, self._restore_ms, self._cold
+        self._init_ms = self._restore_ms = None
+        self._cold = False
         result = InvokeResult(
             request_id=request_id,
             body=body,
@@ -164,12 +209,14 @@ class Instance:
             duration_ms=duration,
             max_memory_mb=math.ceil(memory_kib / 1024),
             init_ms=init_ms,
-            cold=init_ms is not None,
+            restore_ms=restore_ms,
+            cold=cold,
         )
+        trailer = self.platform.trailer(result)
         if quiet:
-            self._output.close_quietly(ctx, self._trailer(result))
+            self._output.close_quietly(ctx, trailer)
         else:
-            self._output.finish(ctx, self._trailer(result))
+            self._output.finish(ctx, trailer)
         if not ctx.done.done():
             # The shim wrote its sentinel before replying: this is at most a loop turn or two,
             # unless the instance died or a child of it holds the pipe open.
@@ -179,23 +226,6 @@ class Instance:
             self.state = State.IDLE
             self.last_used = time.monotonic()
         return result
-
-    def _trailer(self, r: InvokeResult) -> list[str]:
-        report = (
-            f"REPORT RequestId: {r.request_id}\tDuration: {r.duration_ms:.2f} ms\t"
-            f"Billed Duration: {r.billed_ms} ms\tMemory Size: {self.version.spec.memory} MB\t"
-            f"Max Memory Used: {r.max_memory_mb} MB"
-        )
-        if r.init_ms is not None:
-            report += f"\tInit Duration: {r.init_ms:.2f} ms"
-        report += "\tStart: cold" if r.cold else "\tStart: warm"
-        if r.error == "Timeout":
-            report += "\tStatus: timeout"
-        elif r.error in ("Crash", "OutOfMemory"):
-            report += "\tStatus: error"
-            if r.error == "OutOfMemory":
-                report += "\tError Type: Runtime.OutOfMemory"
-        return [f"END RequestId: {r.request_id}", report]
 
     async def _reap(self) -> int | None:
         self.state = State.DEAD

@@ -85,6 +85,11 @@ class Launcher(Protocol):
     #: socket (forked instances) rather than from exec (``argv``/``env``).
     spec_over_socket: bool
 
+    @property
+    def sandboxed(self) -> bool:
+        """Instances run on the sandbox's root (``/var/task``, ``/var/lang``...)."""
+        ...
+
     #: Paths as the instance sees them: ``/var/task`` in a sandbox, the host path otherwise.
     def task_root(self, plan_code_dir: Path) -> str: ...
 
@@ -128,6 +133,7 @@ class ProcessLauncher:
     """Starts instances as plain processes (no sandbox), one ``exec`` each."""
 
     spec_over_socket = False
+    sandboxed = False
 
     def task_root(self, code_dir: Path) -> str:
         return str(code_dir)

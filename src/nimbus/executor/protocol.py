@@ -184,15 +184,18 @@ class Channel(asyncio.Protocol):
         return fut
 
     def send(
-        self, kind: int, request_id: bytes, seconds: float, body: bytes
+        self, kind: int, request_id: bytes, seconds: float, body: bytes, head: bytes = b""
     ) -> asyncio.Future[Frame]:
-        """Send a frame and return the future of the reply."""
+        """Send a frame and return the future of the reply. ``head`` goes first in the
+        body, and the frame's number says how long it is (an INVOKE's metadata)."""
         fut = self.next_frame()
         if self._transport is None or self._closed:
             if not fut.done():
                 fut.set_exception(InstanceGone("instance socket is closed"))
             return fut
-        self._transport.writelines((HEADER.pack(len(body), kind, request_id, seconds, 0), body))
+        length = len(head) + len(body)
+        header = HEADER.pack(length, kind, request_id, seconds, len(head))
+        self._transport.writelines((header, head, body) if head else (header, body))
         return fut
 
     def close(self) -> None:

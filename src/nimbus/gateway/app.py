@@ -1,8 +1,10 @@
-"""The gateway: a bare ASGI app for ``/function/{name}[/{path}]``, the hot path.
+"""The gateway: a bare ASGI app for the functions, the hot path.
 
-No framework routing, no middleware: one prefix split, the body read with its
-cap, the event built (:mod:`nimbus.gateway.events`), one call to the
-:class:`~nimbus.invoke.Invoker`, and the result mapped back.
+Each function is served at ``/function/{name}[/{path}]`` and, like a Lambda function
+URL, at the root of a host of its own (``<name>.<domain>``, routed on ``Host`` by
+:func:`function_host`). No framework routing, no middleware: one prefix split, the
+body read with its cap, the event built (:mod:`nimbus.gateway.events`), one call to
+the :class:`~nimbus.invoke.Invoker`, and the result mapped back.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import orjson
 
 from nimbus.errors import NimbusError, RequestTooLarge, ResourceNotFound, headers_of, status_of
 from nimbus.gateway.events import build_event, build_response
-from nimbus.invoke import Invoker
+from nimbus.invoke import Invoker, new_trace_id
+from nimbus.models import InvokeContext
 
 PREFIX = "/function/"
 JSON = (b"content-type", b"application/json")
 Scope = MutableMapping[str, Any]
+#: What a client of a function URL sees when the function failed: nothing of the error.
+_FAILED = orjson.dumps({"message": "Internal Server Error"})
+_TIMED_OUT = orjson.dumps({"message": "Endpoint request timed out"})
 
 
 class Gateway:
@@ -28,15 +34,28 @@ class Gateway:
         self._invoker = invoker
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        """``/function/{name}[/{path}]``: the function, mounted under that prefix."""
+        name, _, rest = scope["path"][len(PREFIX) :].partition("/")
+        await self.serve(scope, receive, send, name, "/" + rest, PREFIX + name)
+
+    async def serve(
+        self, scope: Scope, receive: Any, send: Any, name: str, path: str, prefix: str = ""
+    ) -> None:
+        """Serve one request to function ``name`` at ``path`` inside it (``prefix``: where
+        it is mounted; empty at the root of its own host)."""
         rid = uuid.uuid4()
         rid_header = (b"x-nimbus-request-id", str(rid).encode())
         try:
-            name, _, rest = scope["path"][len(PREFIX) :].partition("/")
             if not name:
                 raise ResourceNotFound("no function named in the path: use /function/{name}")
             body = await read_body(scope, receive, self._invoker.max_payload)
-            event = build_event(scope, body, "/" + rest, str(rid), time.time())
-            result = await self._invoker.invoke(name, event, request_id=rid)
+            trace = trace_of(scope) or new_trace_id()
+            event = build_event(
+                scope, body, path, str(rid), time.time(), trace_id=trace, prefix=prefix
+            )
+            result = await self._invoker.invoke(
+                name, event, request_id=rid, context=InvokeContext(trace_id=trace)
+            )
         except NimbusError as e:
             headers = [JSON, rid_header]
             headers.extend((k.encode(), v.encode()) for k, v in headers_of(e).items())
@@ -48,13 +67,39 @@ class Gateway:
             headers.append(rid_header)
             await send_response(send, response.status, headers, response.body)
         else:
-            status = 504 if result.error == "Timeout" else 502
+            # As a Lambda function URL: the status and a generic body, never the error
+            # (its message and stack trace are in the function's logs).
+            timeout = result.error == "Timeout"
             await send_response(
                 send,
-                status,
+                504 if timeout else 502,
                 [JSON, rid_header, (b"x-nimbus-function-error", result.error.encode())],
-                result.body,
+                _TIMED_OUT if timeout else _FAILED,
             )
+
+
+def trace_of(scope: Scope) -> str | None:
+    """The caller's ``X-Amzn-Trace-Id``, when it is one (``Root=...``)."""
+    for key, value in scope["headers"]:
+        if key == b"x-amzn-trace-id":
+            text = value.decode("latin-1").strip()
+            return text if text.startswith("Root=") and len(text) <= 256 else None
+    return None
+
+
+def function_host(scope: Scope, suffix: bytes) -> str | None:
+    """The function a request's ``Host`` names (``<name>.<domain>[:port]``, ``suffix``
+    being ``b"." + domain``), or None."""
+    for key, value in scope["headers"]:
+        if key == b"host":
+            host = value.rpartition(b":")[0] if value[-1:].isdigit() else value
+            host = host.lower().rstrip(b".")
+            if host.endswith(suffix):
+                label = host[: -len(suffix)]
+                if label and b"." not in label:
+                    return str(label.decode("ascii", "replace"))
+            return None
+    return None
 
 
 async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:

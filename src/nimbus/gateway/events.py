@@ -101,12 +101,20 @@ def build_event(
     function_path: str,
     request_id: str,
     now: float,
+    *,
+    trace_id: str = "",
+    prefix: str = "",
 ) -> bytes:
     """The payload 2.0 event for one HTTP request, JSON-encoded.
 
     ``function_path`` is the path inside the function (``"/"`` for
     ``/function/hello``), already percent-decoded; it is both ``rawPath`` and
     ``requestContext.http.path``. ``now`` is ``time.time()`` at arrival.
+
+    As a function URL does, the headers gain ``x-forwarded-for`` (the client's
+    address appended), ``x-forwarded-proto`` and ``x-forwarded-port`` (unless a proxy
+    in front set them) and ``x-amzn-trace-id`` (``trace_id``). Under a path prefix
+    (``/function/{name}``), ``x-forwarded-prefix`` tells the app where it is mounted.
     """
     headers: dict[str, str] = {}
     cookies: list[str] = []
@@ -124,6 +132,21 @@ def build_event(
         else:
             headers[name] = value
 
+    client_ip = _client_ip(scope.get("client"))
+    if client_ip:
+        forwarded = headers.get("x-forwarded-for")
+        headers["x-forwarded-for"] = f"{forwarded}, {client_ip}" if forwarded else client_ip
+    if "x-forwarded-proto" not in headers:
+        headers["x-forwarded-proto"] = scope.get("scheme", "http")
+    if "x-forwarded-port" not in headers:
+        server = scope.get("server")
+        if server and server[1] is not None:
+            headers["x-forwarded-port"] = str(server[1])
+    if prefix:
+        outer = headers.get("x-forwarded-prefix", "").rstrip("/")
+        headers["x-forwarded-prefix"] = outer + prefix
+    if trace_id:
+        headers["x-amzn-trace-id"] = trace_id
     qs: bytes = scope.get("query_string", b"")
     raw_qs = qs.decode("latin-1")
     host = headers.get("host", "")
@@ -142,7 +165,7 @@ def build_event(
                 "method": scope.get("method", "GET"),
                 "path": function_path,
                 "protocol": "HTTP/" + scope.get("http_version", "1.1"),
-                "sourceIp": _client_ip(scope.get("client")),
+                "sourceIp": client_ip,
                 "userAgent": headers.get("user-agent", ""),
             },
             "requestId": request_id,

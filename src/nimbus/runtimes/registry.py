@@ -11,10 +11,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nimbus.models import Version
+from nimbus.models import Account, Version
 
 BOOTSTRAP = Path(__file__).parent / "python" / "bootstrap.py"
-BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TZ": ":UTC"}
+#: What Lambda sets for every function, before the function's own variables.
+BASE_ENV = {
+    "PATH": "/var/lang/bin:/usr/local/bin:/usr/bin/:/bin:/opt/bin",
+    "LD_LIBRARY_PATH": "/var/lang/lib:/lib64:/usr/lib64:/var/runtime:/var/runtime/lib:"
+    "/var/task:/var/task/lib:/opt/lib",
+    "LANG": "en_US.UTF-8",
+    "TZ": ":UTC",
+    "PYTHONPATH": "/var/runtime",
+    "AWS_XRAY_CONTEXT_MISSING": "LOG_ERROR",
+}
+#: Unsandboxed, an instance runs on the host's own root: no /var/lang, no en_US locale.
+HOST_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TZ": ":UTC"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +39,35 @@ class PythonRuntime:
         return [self.executable, "-I", "-S", str(BOOTSTRAP), str(sock_fd), token]
 
     def environment(
-        self, version: Version, task_root: str, layer_root: str | None, instance_id: str
+        self,
+        version: Version,
+        task_root: str,
+        layer_root: str | None,
+        instance_id: str,
+        *,
+        account: Account,
+        sandboxed: bool = True,
+        initialization: str = "on-demand",
     ) -> dict[str, str]:
+        """The instance's whole environment, as Lambda's: its defaults, the function's
+        variables, then what the platform sets (``initialization`` is
+        ``AWS_LAMBDA_INITIALIZATION_TYPE``: ``on-demand``, or ``snap-start`` for the
+        forks of a function zygote)."""
         spec = version.spec
-        env = dict(BASE_ENV)
+        env = dict(BASE_ENV if sandboxed else HOST_ENV)
         env.update(spec.environment)
+        if spec.logging.format == "JSON":
+            env["AWS_LAMBDA_LOG_FORMAT"] = "JSON"
+            if spec.logging.application_level:
+                env["AWS_LAMBDA_LOG_LEVEL"] = spec.logging.application_level
         env.update(
             {
                 "_HANDLER": spec.handler,
                 "LAMBDA_TASK_ROOT": task_root,
-                "LAMBDA_RUNTIME_DIR": str(BOOTSTRAP.parent),
+                "LAMBDA_RUNTIME_DIR": "/var/runtime" if sandboxed else str(BOOTSTRAP.parent),
+                "AWS_REGION": account.region,
+                "AWS_DEFAULT_REGION": account.region,
+                "AWS_LAMBDA_INITIALIZATION_TYPE": initialization,
                 "AWS_EXECUTION_ENV": f"AWS_Lambda_{self.name}",
                 "AWS_LAMBDA_FUNCTION_NAME": spec.name,
                 "AWS_LAMBDA_FUNCTION_VERSION": str(version.number),

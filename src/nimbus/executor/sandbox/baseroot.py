@@ -50,7 +50,7 @@ __all__ = ["FORMAT", "PACKAGES", "BaseRoot", "Recipe", "default_suite", "ensure_
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 """Bump when what is done to the tree after debootstrap changes."""
 
 #: What goes in besides debootstrap's minbase (which has coreutils, dash, bash, grep,
@@ -193,14 +193,28 @@ def ensure_base_root(
     roots.mkdir(parents=True, exist_ok=True)
     os.chmod(roots, 0o755)
     found = _lookup(roots, recipe)
-    if found is not None:
-        return found
-    with _locked(roots / ".lock"):
-        found = _lookup(roots, recipe)  # another process built it while we waited
-        if found is not None:
-            return found
-        _remove_partial(roots)
-        return _build(roots, recipe, progress or (lambda line: log.info("%s", line)))
+    if found is None:
+        with _locked(roots / ".lock"):
+            found = _lookup(roots, recipe)  # another process built it while we waited
+            if found is None:
+                _remove_partial(roots)
+                found = _build(roots, recipe, progress or (lambda line: log.info("%s", line)))
+    _hold(found.path)
+    return found
+
+
+#: Shared locks on the trees this process runs on, held until it exits.
+_HELD: dict[Path, int] = {}
+
+
+def _hold(tree: Path) -> None:
+    """Say this process uses ``tree``: a shared lock on ``<tree>.lock`` until it exits, so
+    that no newer build removes it under a running server."""
+    if tree in _HELD:
+        return
+    fd = os.open(f"{tree}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _HELD[tree] = fd
 
 
 def describe_tree(path: Path) -> BaseRoot:
@@ -243,6 +257,31 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _remove_outdated(roots: Path, *, keep: str) -> None:
+    """Trees of an older :data:`FORMAT` (and their recipes), unless a process still runs
+    on one (it holds a shared lock on it: see :func:`_hold`)."""
+    for index in roots.glob("recipe-*.json"):
+        try:
+            facts = json.loads(index.read_text())
+        except (OSError, ValueError):
+            continue
+        name = str(facts.get("tree", ""))
+        if facts.get("format") == FORMAT or name == keep or not name.startswith("base-"):
+            continue
+        tree = roots / name
+        fd = os.open(f"{tree}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # in use
+        finally:
+            os.close(fd)
+        log.info("removing an outdated base root filesystem: %s", tree)
+        index.unlink(missing_ok=True)
+        _rmtree(tree)
+        Path(f"{tree}.lock").unlink(missing_ok=True)
+
+
 def _remove_partial(roots: Path) -> None:
     """We hold the lock: any temporary tree is a killed build's."""
     for entry in roots.iterdir():
@@ -281,6 +320,7 @@ def _build(roots: Path, recipe: Recipe, progress: Callable[[str], None]) -> Base
             os.rename(tmp, target)
         seconds = time.monotonic() - started
         facts = {
+            "format": FORMAT,
             "tree": name,
             "digest": digest,
             "suite": recipe.suite,
@@ -296,6 +336,7 @@ def _build(roots: Path, recipe: Recipe, progress: Callable[[str], None]) -> Base
     except BaseException:
         _rmtree(tmp)
         raise
+    _remove_outdated(roots, keep=name)
     progress(
         f"built the base root filesystem {target} in {seconds:.0f} s "
         f"({size / 2**20:.0f} MiB, {packages} packages)"
@@ -359,6 +400,9 @@ def _finish(root: Path) -> None:
                 "chroot",
                 str(root),
                 "localedef",
+                # A directory per locale, not the archive: a process forked from one that
+                # looked for an archive on the host and found none never looks again.
+                "--no-archive",
                 "-i",
                 language,
                 "-c",

@@ -317,6 +317,10 @@ class ZygoteLauncher:
         if self._sandbox is not None and self._zygote.sandbox_error:
             raise LaunchError(f"cannot sandbox instances: {self._zygote.sandbox_error}")
 
+    @property
+    def sandboxed(self) -> bool:
+        return self._sandbox is not None
+
     def task_root(self, code_dir: Path) -> str:
         return "/var/task" if self._sandbox else str(code_dir)
 
