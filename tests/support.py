@@ -229,17 +229,19 @@ class NimbusServer:
 
     # -- API helpers ---------------------------------------------------------------------
     def deploy(
-        self, fixture: str | Path, *, name: str | None = None, **overrides: Any
+        self, fixture: str | Path, *, name: str | None = None, force: bool = False, **overrides: Any
     ) -> httpx.Response:
         spec, code = zip_of(fixture, name=name)
         spec.update(overrides)
-        return self.create(spec, code)
+        return self.create(spec, code, force=force)
 
-    def create(self, spec: dict[str, Any], code: bytes) -> httpx.Response:
+    def create(self, spec: dict[str, Any], code: bytes, *, force: bool = False) -> httpx.Response:
+        """``force``: publish even if the init fails (to test what such a version does)."""
+        data = {"spec": json.dumps(spec)}
+        if force:
+            data["force"] = "true"
         return self.client.post(
-            "/v1/functions",
-            data={"spec": json.dumps(spec)},
-            files={"code": ("code.zip", code, "application/zip")},
+            "/v1/functions", data=data, files={"code": ("code.zip", code, "application/zip")}
         )
 
     def update(

@@ -4,7 +4,8 @@ The tree::
 
     NimbusError                      500 ServiceException (the root; also "anything else")
     ├── InvalidParameterValue        400 a bad spec, a bad zip, a bad query parameter
-    │   └── DependencyInstallError   400 pip could not install requirements.txt
+    │   ├── DependencyInstallError   400 pip could not install requirements.txt
+    │   └── FunctionInitError        400 the new version's init failed: not published
     ├── ResourceNotFound             404 no such function, invocation, route
     ├── ResourceConflict             409 the function already exists
     ├── RequestTooLarge              413 payload or upload over its limit
@@ -44,6 +45,23 @@ class InvalidParameterValue(NimbusError):
 
 class DependencyInstallError(InvalidParameterValue):
     """``pip install -r requirements.txt`` failed; the message carries pip's own words."""
+
+
+class FunctionInitError(InvalidParameterValue):
+    """A deploy's init failed (its module does not import, its handler is missing...):
+    the version was not published. ``details`` is the error its first request would
+    have got, in Lambda's shape (``errorType``, ``errorMessage``, ``stackTrace``)."""
+
+    code = "FunctionInitError"
+
+    def __init__(self, message: str, details: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        wire["error"]["details"] = self.details
+        return wire
 
 
 class ResourceNotFound(NimbusError):

@@ -11,18 +11,39 @@ version serves until then.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from nimbus.errors import InvalidParameterValue, ResourceConflict, ResourceNotFound
+import orjson
+
+from nimbus.errors import (
+    FunctionInitError,
+    InvalidParameterValue,
+    ResourceConflict,
+    ResourceNotFound,
+)
 from nimbus.models import FunctionRecord, FunctionSpec, Version, parse_spec
 from nimbus.observability.logs import LogStore
 from nimbus.packaging import CodeStore, LayerStore
 from nimbus.packaging.layers import has_requirements
 from nimbus.scheduling import Scheduler
 from nimbus.store import FunctionStore
+
+log = logging.getLogger("nimbus.functions")
+
+#: ``progress(step, message)``: what a deploy is doing (``code``, ``dependencies`` with
+#: pip's lines, ``init``), for a client that shows it.
+Progress = Callable[[str, str], None]
+#: Runs a version's init before it is published: its error (Lambda's JSON) or None.
+Verify = Callable[[Version], Awaitable[bytes | None]]
+
+
+def _quiet(_step: str, _message: str) -> None:
+    return None
 
 
 class Functions:
@@ -36,6 +57,7 @@ class Functions:
         runtimes: frozenset[str],
         on_delete: Callable[[str], Awaitable[None]] | None = None,
         check: Callable[[FunctionSpec], None] | None = None,
+        verify: Verify | None = None,
     ) -> None:
         self._store = store
         self._code = code
@@ -46,6 +68,8 @@ class Functions:
         self._on_delete = on_delete
         #: What this node allows beyond the spec's own rules (raises InvalidParameterValue).
         self._check = check
+        #: The deploy-time verdict: a version whose init fails is not published.
+        self._verify = verify
         self._records: dict[str, FunctionRecord] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._listeners: list[Callable[[str], None]] = []
@@ -84,7 +108,16 @@ class Functions:
         return await self._store.versions(name)
 
     # -- writes -----------------------------------------------------------------------
-    async def create(self, spec_data: Any, zip_path: Path) -> FunctionRecord:
+    async def create(
+        self,
+        spec_data: Any,
+        zip_path: Path,
+        *,
+        force: bool = False,
+        progress: Progress = _quiet,
+    ) -> FunctionRecord:
+        """A new function from a spec and code. Its init runs first: if it fails, nothing
+        is created (:class:`FunctionInitError`), unless ``force``."""
         spec = parse_spec(spec_data, known_runtimes=self._runtimes)
         async with self._locks[spec.name]:
             if spec.name in self._records:
@@ -92,10 +125,18 @@ class Functions:
                     f"function {spec.name!r} already exists; update it with "
                     f"PUT /v1/functions/{spec.name} (or `nimbus deploy`)"
                 )
-            return await self._publish(spec, zip_path, None, create=True)
+            return await self._publish(
+                spec, zip_path, None, create=True, force=force, progress=progress
+            )
 
     async def update(
-        self, name: str, spec_data: Any | None, zip_path: Path | None
+        self,
+        name: str,
+        spec_data: Any | None,
+        zip_path: Path | None,
+        *,
+        force: bool = False,
+        progress: Progress = _quiet,
     ) -> FunctionRecord:
         """A new version from new code and/or spec fields (given fields replace current ones).
 
@@ -127,19 +168,42 @@ class Functions:
                     else:
                         merged[key] = value
                 spec = parse_spec(merged, known_runtimes=self._runtimes)
-            return await self._publish(spec, zip_path, current, create=False, skip_unchanged=True)
+            return await self._publish(
+                spec,
+                zip_path,
+                current,
+                create=False,
+                skip_unchanged=True,
+                force=force,
+                progress=progress,
+            )
 
-    async def deploy(self, spec_data: Any, zip_path: Path) -> tuple[FunctionRecord, bool]:
+    async def deploy(
+        self,
+        spec_data: Any,
+        zip_path: Path,
+        *,
+        force: bool = False,
+        progress: Progress = _quiet,
+    ) -> tuple[FunctionRecord, bool]:
         """Create or replace (the whole spec, as ``nimbus deploy`` does); ``(record, changed)``.
 
         Deploying the same code and spec again publishes nothing.
         """
         spec = parse_spec(spec_data, known_runtimes=self._runtimes)
         if spec.name not in self._records:
-            return await self.create(spec_data, zip_path), True
+            return await self.create(spec_data, zip_path, force=force, progress=progress), True
         async with self._locks[spec.name]:
             before = self.current(spec.name)
-            record = await self._publish(spec, zip_path, before, create=False, skip_unchanged=True)
+            record = await self._publish(
+                spec,
+                zip_path,
+                before,
+                create=False,
+                skip_unchanged=True,
+                force=force,
+                progress=progress,
+            )
             return record, record.current.number != before.number
 
     async def delete(self, name: str) -> None:
@@ -162,10 +226,13 @@ class Functions:
         *,
         create: bool,
         skip_unchanged: bool = False,
+        force: bool = False,
+        progress: Progress = _quiet,
     ) -> FunctionRecord:
         if self._check is not None:
             self._check(spec)
         if zip_path is not None:
+            progress("code", "unpacking the code")
             code = await asyncio.to_thread(self._code.put, zip_path)
         else:
             assert current is not None
@@ -177,14 +244,56 @@ class Functions:
         requirements = self._code.requirements(code)
         layer = None
         if requirements is not None and has_requirements(requirements):
-            layer = await self._layers.ensure(requirements, spec.runtime)
-        record = await self._store.publish(spec, code, layer, create=create)
+            progress("dependencies", "installing requirements.txt")
+            layer = await self._layers.ensure(
+                requirements, spec.runtime, lambda line: progress("dependencies", line)
+            )
+        # The version as it will be published (the store assigns numbers in order, and this
+        # function's lock is held): its init runs now, before it can take traffic.
+        uid = current.uid if current is not None else await self._store.reserve_uid()
+        number = current.number + 1 if current is not None else 1
+        candidate = Version(spec, number, code, layer, time.time(), uid)
+        if self._verify is not None:
+            progress("init", f"running the init of version {number}")
+            error = await self._verify(candidate)
+            if error is not None:
+                details = _error_details(error)
+                what = f"{details.get('errorType')}: {details.get('errorMessage')}"
+                if not force:
+                    kept = (
+                        f"; version {current.number} keeps serving" if current is not None else ""
+                    )
+                    raise FunctionInitError(
+                        f"version {number} of {spec.name!r} was not published: its init failed: "
+                        f"{what}{kept} (`nimbus deploy --force`, or force=true, publishes "
+                        "it anyway)",
+                        details,
+                    )
+                progress("init", f"the init failed ({what}); publishing anyway (force)")
+        record = await self._store.publish(spec, code, layer, create=create, uid=uid)
+        if record.current.number != number:
+            log.warning(
+                "function %s: published as version %d, its init ran as version %d",
+                spec.name,
+                record.current.number,
+                number,
+            )
         self._records[spec.name] = record
         self._changed(spec.name)
         self._scheduler.retire(spec.name, keep=record.current.number)
         self._scheduler.ensure(record.current)
         self._scheduler.prepare(record.current)
         return record
+
+
+def _error_details(body: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        return {"errorType": "Runtime.Unknown", "errorMessage": body.decode("utf-8", "replace")}
+    return {k: doc[k] for k in ("errorType", "errorMessage", "stackTrace") if k in doc}
 
 
 def read_spec_file(directory: Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from nimbus.gateway import Gateway
 from nimbus.gateway.app import PREFIX, function_host
 from nimbus.gateway.asyncapp import ASYNC_PREFIX, AsyncGateway, is_event_invoke
 from nimbus.invoke import Invoker
-from nimbus.models import Account
+from nimbus.models import Account, Version
 from nimbus.observability.logs import LogStore
 from nimbus.observability.metrics import Metrics
 from nimbus.packaging import CodeStore, LayerStore, package_directory
@@ -97,6 +97,7 @@ class Nimbus:
             check=lambda spec: check_watch_paths(
                 spec.triggers, settings.watch_roots, settings.data_dir
             ),
+            verify=self._verify,
         )
         self.metrics = Metrics(self._instance_counts)
         self.invoker = Invoker(
@@ -125,6 +126,7 @@ class Nimbus:
             self.functions,
             self.invoker,
             self.async_invoker.dead_letter_event,
+            account=Account(settings.region, settings.account_id),
             urls={
                 "nats": settings.nats_url,
                 "redis": settings.redis_url,
@@ -145,6 +147,7 @@ class Nimbus:
             zygote_up=self.executor.zygote_up,
             function_zygote_up=self.executor.function_zygote_up,
             async_invoker=self.async_invoker,
+            function_domain=settings.function_domain,
         )
         self.api.include_router(triggers_router(self.functions, self.schedules, self.events))
 
@@ -161,6 +164,11 @@ class Nimbus:
             await self.async_gateway.invoke_event(scope, receive, send)
         else:
             await self.api(scope, receive, send)
+
+    async def _verify(self, version: Version) -> bytes | None:
+        """A deploy's verdict: the error of the version's init, or None."""
+        failed = await self.executor.check_init(version)
+        return failed.body if failed is not None else None
 
     async def _on_delete(self, name: str) -> None:
         """A function was deleted: its launcher state, and its queued invocations, go."""

@@ -96,13 +96,13 @@ def test_handler_exception_is_lambda_error_shape(server: NimbusServer) -> None:
 
 
 def test_init_errors(server: NimbusServer) -> None:
-    assert server.deploy("init-error", name="inv-initerr").status_code == 201
+    assert server.deploy("init-error", name="inv-initerr", force=True).status_code == 201
     r = server.invoke("inv-initerr")
     assert r.headers["x-nimbus-function-error"] == "Init"
     assert r.json()["errorType"] == "Runtime.ImportModuleError"
     assert "Unable to import module 'app'" in r.json()["errorMessage"]
     assert server.client.get("/function/inv-initerr").status_code == 502
-    assert server.deploy("no-handler", name="inv-nohandler").status_code == 201
+    assert server.deploy("no-handler", name="inv-nohandler", force=True).status_code == 201
     r = server.invoke("inv-nohandler")
     assert r.json()["errorType"] == "Runtime.HandlerNotFound"
     assert r.json()["errorMessage"] == "Handler 'handler' missing on module 'app'"

@@ -167,7 +167,7 @@ def test_init_errors_are_lambdas(
     server: NimbusServer, fixture: str, error_type: str, message: str, frame: str | None
 ) -> None:
     name = f"fid-{fixture}"
-    assert server.deploy(fixture, name=name).status_code == 201
+    assert server.deploy(fixture, name=name, force=True).status_code == 201
     r = server.invoke(name)
     err = r.json()
     assert r.headers["x-nimbus-function-error"] == "Init"

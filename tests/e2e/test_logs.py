@@ -57,7 +57,7 @@ def test_error_is_logged(server: NimbusServer) -> None:
 
 
 def test_init_failure_is_logged(server: NimbusServer) -> None:
-    assert server.deploy("init-error", name="log-initerr").status_code == 201
+    assert server.deploy("init-error", name="log-initerr", force=True).status_code == 201
     server.invoke("log-initerr")
     records = server.wait_logs(
         "log-initerr", lambda rs: any(x["message"].startswith("REPORT") for x in rs)

@@ -79,7 +79,7 @@ def test_an_idle_zygote_stops_after_its_keep_warm(server: NimbusServer) -> None:
 def test_a_failing_init_in_the_zygote_is_the_invocations_init_error(
     server: NimbusServer,
 ) -> None:
-    r = server.deploy("init-error", name="zy-init-error")
+    r = server.deploy("init-error", name="zy-init-error", force=True)
     assert r.status_code == 201, r.text
     r = server.invoke("zy-init-error")
     assert r.headers.get("x-nimbus-function-error") == "Init", r.text

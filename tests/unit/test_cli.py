@@ -310,12 +310,22 @@ def test_deploy_uploads_the_spec_and_the_zip(
                 return httpx.Response(200, json=function_object(version=4))
             return error_response(404, "ResourceNotFound", "function 'hello' does not exist")
         assert request.headers["content-length"] == str(len(request.content))
+        assert request.headers["accept"] == "application/x-ndjson"
         uploads.append(read_form(request))
         if exists:
             assert (request.method, request.url.path) == ("PUT", "/v1/functions/hello")
-            return httpx.Response(200, json=function_object(version=5))
-        assert (request.method, request.url.path) == ("POST", "/v1/functions")
-        return httpx.Response(201, json=function_object(version=1))
+        else:
+            assert (request.method, request.url.path) == ("POST", "/v1/functions")
+        # The server's progress, streamed: its steps, pip's lines, then the function.
+        events = [
+            {"step": "code", "message": "unpacking the code"},
+            {"step": "dependencies", "message": "installing requirements.txt"},
+            {"step": "dependencies", "message": "Collecting six"},
+            {"step": "init", "message": "running the init of version 1"},
+            {"result": function_object(version=5 if exists else 1)},
+        ]
+        body = b"".join(json.dumps(e).encode() + b"\n" for e in events)
+        return httpx.Response(200, content=body, headers={"content-type": "application/x-ndjson"})
 
     result = run(runner, ["deploy", str(fn)], Api(handler))
     assert result.exit_code == 0, result.output
@@ -336,7 +346,8 @@ def test_deploy_uploads_the_spec_and_the_zip(
     version = 5 if exists else 1
     lines = result.stdout.splitlines()
     assert lines[-2:] == [f"Deployed hello version {version}", f"  curl {URL}/function/hello"]
-    assert "Installing dependencies" in result.stdout
+    assert "Installing dependencies ..." in result.stdout
+    assert "  Collecting six" in result.stdout and "Running the init ..." in result.stdout
     assert result.stderr == ""
 
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +36,7 @@ from nimbus.errors import (
     headers_of,
     status_of,
 )
-from nimbus.functions import Functions
+from nimbus.functions import Functions, Progress
 from nimbus.gateway.app import read_body
 from nimbus.gateway.asyncapp import accept_event, json_event
 from nimbus.invoke import Invoker
@@ -105,6 +105,7 @@ def build_api(
     zygote_up: Callable[[], bool] = lambda: False,
     function_zygote_up: Callable[[str], bool] = lambda _: False,
     async_invoker: AsyncInvoker | None = None,
+    function_domain: str = "localhost",
 ) -> FastAPI:
     app = FastAPI(
         title="Nimbus",
@@ -177,6 +178,8 @@ def build_api(
                 "function": function_zygote_up(record.name),
             },
             "url": f"/function/{record.name}",
+            # Its own host, at whose root it is served (as a Lambda function URL).
+            "hostname": f"{record.name}.{function_domain}",
         }
         if versions is not None:
             out["versions"] = [
@@ -215,27 +218,100 @@ def build_api(
             path.unlink(missing_ok=True)
 
     # -- functions ---------------------------------------------------------------------------
-    @app.post("/v1/functions", status_code=201, tags=["functions"])
+    async def deploying(
+        request: Request,
+        status: int,
+        code: UploadFile | None,
+        run: Callable[[Path | None, Progress], Awaitable[FunctionRecord]],
+    ) -> Response:
+        """Run a deploy; with ``Accept: application/x-ndjson`` stream its progress.
+
+        Streamed, the answer is ``200`` with one JSON object per line: ``{"step",
+        "message"}`` while it works (unpacking, each line pip prints, the init), then
+        ``{"result": <function>}`` or ``{"error": {...}, "status": <HTTP status>}``.
+        A client that goes away does not stop the deploy. The uploaded zip is kept in a
+        temporary file until the deploy is done.
+        """
+        upload = contextlib.AsyncExitStack()
+        path = await upload.enter_async_context(saved_zip(code))
+        if "application/x-ndjson" not in request.headers.get("accept", ""):
+            try:
+                record = await run(path, lambda _step, _message: None)
+            finally:
+                await upload.aclose()
+            return JSONResponse(function_out(record, await functions.versions(record.name)), status)
+        events: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def progress(step: str, message: str) -> None:
+            events.put_nowait(orjson.dumps({"step": step, "message": message}) + b"\n")
+
+        async def work() -> None:
+            try:
+                record = await run(path, progress)
+                out = function_out(record, await functions.versions(record.name))
+                events.put_nowait(orjson.dumps({"result": out}) + b"\n")
+            except NimbusError as e:
+                line = {**e.to_wire(), "status": status_of(e)}
+                events.put_nowait(orjson.dumps(line) + b"\n")
+            except Exception as e:  # the same as the API answers for anything unexpected
+                error = ServiceException(f"internal error: {type(e).__name__}")
+                events.put_nowait(orjson.dumps({**error.to_wire(), "status": 500}) + b"\n")
+            finally:
+                await upload.aclose()
+                events.put_nowait(None)
+
+        task = asyncio.get_running_loop().create_task(work())
+        deploys.add(task)
+        task.add_done_callback(deploys.discard)
+
+        async def stream() -> AsyncIterator[bytes]:
+            while (line := await events.get()) is not None:
+                yield line
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    deploys: set[asyncio.Task[None]] = set()
+
+    @app.post(
+        "/v1/functions",
+        status_code=201,
+        tags=["functions"],
+        responses={
+            200: {"description": "the deploy's progress, with Accept: application/x-ndjson"}
+        },
+    )
     async def create_function(
+        request: Request,
         spec: Annotated[str, Form(description="the function spec, JSON")],
         code: Annotated[UploadFile, File(description="zip of the function directory")],
+        force: Annotated[bool, Form(description="publish even if the init fails")] = False,
     ) -> Any:
         data = await parse_spec_field(spec)
-        async with saved_zip(code) as path:
-            assert path is not None
-            record = await functions.create(data, path)
-        return JSONResponse(function_out(record, await functions.versions(record.name)), 201)
 
-    @app.put("/v1/functions/{name}", tags=["functions"])
+        async def run(path: Path | None, progress: Progress) -> FunctionRecord:
+            assert path is not None
+            return await functions.create(data, path, force=force, progress=progress)
+
+        return await deploying(request, 201, code, run)
+
+    @app.put(
+        "/v1/functions/{name}",
+        tags=["functions"],
+        responses={200: {"description": "the function (or the deploy's progress)"}},
+    )
     async def update_function(
+        request: Request,
         name: str,
         spec: Annotated[str | None, Form()] = None,
         code: Annotated[UploadFile | None, File()] = None,
+        force: Annotated[bool, Form(description="publish even if the init fails")] = False,
     ) -> Any:
         data = await parse_spec_field(spec)
-        async with saved_zip(code) as path:
-            record = await functions.update(name, data, path)
-        return function_out(record, await functions.versions(name))
+
+        async def run(path: Path | None, progress: Progress) -> FunctionRecord:
+            return await functions.update(name, data, path, force=force, progress=progress)
+
+        return await deploying(request, 200, code, run)
 
     @app.get("/v1/functions", tags=["functions"])
     async def list_functions() -> Any:

@@ -35,6 +35,8 @@ FOLLOW_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=5.0)
 CHUNK = 64 * 1024
 
 ProgressCallback = Callable[[int], None]
+#: ``on_step(step, message)``: a line of a deploy's progress, as the server reports it.
+StepCallback = Callable[[str, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +73,16 @@ class Upload:
     parts: tuple[bytes, ...]
 
     @classmethod
-    def build(cls, spec: Mapping[str, Any], code: bytes) -> Upload:
+    def build(cls, spec: Mapping[str, Any], code: bytes, *, force: bool = False) -> Upload:
         boundary = secrets.token_hex(16)
         spec_json = json.dumps(spec, default=str)
+        forced = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="force"\r\n\r\ntrue\r\n'
+            if force
+            else ""
+        )
         head = (
-            f"--{boundary}\r\n"
+            forced + f"--{boundary}\r\n"
             'Content-Disposition: form-data; name="spec"\r\n'
             "\r\n"
             f"{spec_json}\r\n"
@@ -151,8 +158,9 @@ class Client:
         upload: Upload,
         on_progress: ProgressCallback | None = None,
         on_sent: Callable[[], None] | None = None,
+        on_step: StepCallback | None = None,
     ) -> dict[str, Any]:
-        return self._upload("POST", "/v1/functions", upload, on_progress, on_sent)
+        return self._upload("POST", "/v1/functions", upload, on_progress, on_sent, on_step)
 
     def update_function(
         self,
@@ -160,8 +168,9 @@ class Client:
         upload: Upload,
         on_progress: ProgressCallback | None = None,
         on_sent: Callable[[], None] | None = None,
+        on_step: StepCallback | None = None,
     ) -> dict[str, Any]:
-        return self._upload("PUT", _function_path(name), upload, on_progress, on_sent)
+        return self._upload("PUT", _function_path(name), upload, on_progress, on_sent, on_step)
 
     def delete_function(self, name: str) -> None:
         self._send("DELETE", _function_path(name))
@@ -242,6 +251,9 @@ class Client:
                 if response.status_code >= 400:
                     response.read()
                     _raise_for_error(response, self.url)
+                if "application/x-ndjson" not in response.headers.get("content-type", ""):
+                    response.read()  # a server that does not stream: its plain answer
+                    return self._json(response)
                 for line in response.iter_lines():
                     if not line.strip():
                         continue
@@ -265,16 +277,39 @@ class Client:
         upload: Upload,
         on_progress: ProgressCallback | None,
         on_sent: Callable[[], None] | None,
+        on_step: StepCallback | None = None,
     ) -> dict[str, Any]:
-        response = self._send(
-            method,
-            path,
-            content=upload.chunks(on_progress, on_sent),
-            # With a Content-Length httpx sends the stream as is, not chunked.
-            headers={"content-type": upload.content_type, "content-length": str(upload.size)},
-            timeout=DEPLOY_TIMEOUT,
-        )
-        return self._json(response)
+        # With a Content-Length httpx sends the stream as is, not chunked.
+        headers = {"content-type": upload.content_type, "content-length": str(upload.size)}
+        content = upload.chunks(on_progress, on_sent)
+        if on_step is None:
+            response = self._send(
+                method, path, content=content, headers=headers, timeout=DEPLOY_TIMEOUT
+            )
+            return self._json(response)
+        # The deploy's progress, a JSON object per line, then its result or its error.
+        headers["accept"] = "application/x-ndjson"
+        try:
+            with self._http.stream(
+                method, path, content=content, headers=headers, timeout=DEPLOY_TIMEOUT
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response, self.url)
+                if "application/x-ndjson" not in response.headers.get("content-type", ""):
+                    response.read()  # a server that does not stream: its plain answer
+                    return self._json(response)
+                for line in response.iter_lines():
+                    event = _event(line)
+                    if "result" in event and isinstance(event["result"], dict):
+                        return event["result"]
+                    if isinstance(event.get("error"), dict):
+                        raise _error_of(event["error"], event.get("status"), self.url)
+                    if isinstance(event.get("step"), str):
+                        on_step(event["step"], str(event.get("message", "")))
+        except httpx.HTTPError as e:
+            raise _transport_error(e, self.url) from None
+        raise CliError(f"Nimbus at {self.url} ended the deploy without saying how it went")
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -314,6 +349,28 @@ def _log_params(*, since: str | None, limit: int | None) -> dict[str, str]:
     return params
 
 
+def _event(line: str) -> dict[str, Any]:
+    try:
+        event = json.loads(line) if line.strip() else {}
+    except ValueError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
+def _error_of(error: dict[str, Any], status: Any, url: str) -> CliError:
+    """A streamed deploy's error line as the CliError its plain answer would raise."""
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        message = f"Nimbus at {url} failed the deploy"
+    details = error.get("details")
+    return CliError(
+        message,
+        code=error.get("code") if isinstance(error.get("code"), str) else None,
+        status=status if isinstance(status, int) else None,
+        details=details if isinstance(details, dict) else None,
+    )
+
+
 def _raise_for_error(response: httpx.Response, url: str) -> None:
     """Turn an API error response into a CliError carrying the API's own message."""
     if response.status_code < 400:
@@ -324,10 +381,12 @@ def _raise_for_error(response: httpx.Response, url: str) -> None:
         body = response.json()
     except ValueError:
         body = None
+    details = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         error = body["error"]
         code = error.get("code") if isinstance(error.get("code"), str) else None
         message = error.get("message") if isinstance(error.get("message"), str) else None
+        details = error.get("details") if isinstance(error.get("details"), dict) else None
     if not message:
         text = response.text.strip()
         message = f"Nimbus at {url} answered {response.status_code} {response.reason_phrase}"
@@ -336,7 +395,7 @@ def _raise_for_error(response: httpx.Response, url: str) -> None:
     retry_after = response.headers.get("retry-after")
     if response.status_code == 429 and retry_after:
         message += f" (retry after {retry_after} s)"
-    raise CliError(message, code=code, status=response.status_code)
+    raise CliError(message, code=code, status=response.status_code, details=details)
 
 
 def _transport_error(error: httpx.HTTPError, url: str) -> CliError:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -28,11 +28,20 @@ class CliError(Exception):
     ``code`` and ``status`` are set when the message came from the API's error body.
     """
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        details: dict[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.code = code
         self.status = status
+        #: The API error's ``details`` (a failed init's Lambda error), when it has some.
+        self.details = details
 
 
 @dataclass(frozen=True, slots=True)

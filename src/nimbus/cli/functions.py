@@ -45,8 +45,18 @@ def deploy(
     directory: Annotated[
         Path, typer.Argument(help="The function directory, with nimbus.yaml.", show_default=True)
     ] = Path("."),
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Publish the new version even if its init fails (it serves errors)."
+        ),
+    ] = False,
 ) -> None:
-    """Package a function directory and deploy it: create it, or publish a new version."""
+    """Package a function directory and deploy it: create it, or publish a new version.
+
+    The new version's init runs before it takes traffic: if it fails (an import error, a
+    missing handler or library), the deploy fails with that error and the previous
+    version keeps serving."""
     raw_spec = read_spec(directory)
     from nimbus.models import parse_spec
 
@@ -54,7 +64,6 @@ def deploy(
         spec = parse_spec(raw_spec)
     except InvalidParameterValue as e:
         raise CliError(f"{directory / SPEC_FILE}: {e.message}") from None
-    needs_install = has_requirements(directory)
 
     from nimbus.cli.client import Upload
     from nimbus.packaging import package_directory
@@ -76,24 +85,62 @@ def deploy(
 
         # nimbus.yaml is the whole truth: an update sends every field (defaults filled in),
         # so a line deleted from the file resets that field instead of keeping its old value.
-        upload = Upload.build(spec.model_dump(mode="json") if exists else raw_spec, code)
+        upload = Upload.build(
+            spec.model_dump(mode="json") if exists else raw_spec, code, force=force
+        )
         steps.begin("Uploading", total=upload.size)
+        titles = {
+            "code": "Unpacking",
+            "dependencies": "Installing dependencies",
+            "init": "Running the init",
+        }
+        current = {"step": ""}
+
+        def on_step(step: str, message: str) -> None:
+            """The server's progress: a step begins, or a line of it (pip's) arrives."""
+            if step != current["step"]:
+                steps.finish()
+                current["step"] = step
+                steps.begin(titles.get(step, step.capitalize()), announce=True)
+            else:
+                steps.detail(message)
 
         def sent() -> None:
-            # The body is on the wire; the server now unpacks it and runs pip.
             steps.finish(human_size(upload.size))
-            if needs_install:
-                steps.begin("Installing dependencies", announce=True)
 
-        if exists:
-            function = client.update_function(spec.name, upload, steps.advance, sent)
+        failed: CliError | None = None
+        try:
+            if exists:
+                function = client.update_function(spec.name, upload, steps.advance, sent, on_step)
+            else:
+                function = client.create_function(upload, steps.advance, sent, on_step)
+        except CliError as e:
+            steps.fail()
+            failed = e
         else:
-            function = client.create_function(upload, steps.advance, sent)
-        if needs_install:
             steps.finish()
+    if failed is not None:
+        if failed.details:
+            _print_init_error(failed.details)
+        raise failed
 
     console.print(f"Deployed {spec.name} version {function.get('version', '?')}", markup=False)
     console.print(f"  curl {url}/function/{spec.name}", markup=False)
+    hostname = function.get("hostname")
+    if isinstance(hostname, str) and hostname:
+        port = url.rsplit(":", 1)[-1] if url.count(":") == 2 else ""
+        console.print(f"  curl http://{hostname}{':' + port if port else ''}/", markup=False)
+
+
+def _print_init_error(details: dict[str, Any]) -> None:
+    """A failed init as the function's logs have it: type, message, the function's frames."""
+    err = typer.echo
+    err(f"{details.get('errorType', 'Error')}: {details.get('errorMessage', '')}", err=True)
+    trace = details.get("stackTrace")
+    if isinstance(trace, list) and trace:
+        err("Traceback (most recent call last):", err=True)
+        for frame in trace:
+            err(str(frame).rstrip("\n"), err=True)
 
 
 def read_spec(directory: Path) -> dict[str, Any]:
@@ -185,11 +232,28 @@ class _Steps:
         elif announce:
             self.console.print(f"{description} ...", markup=False)
 
+    def detail(self, text: str) -> None:
+        """A line of what the current step is doing (on a pipe: printed, indented)."""
+        text = text.strip()
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, detail=text[:60])
+        elif text:
+            self.console.print(f"  {text}", markup=False)
+
+    def fail(self) -> None:
+        """The current step failed: mark it so, and stop the live display."""
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=f"{self._description} [red]failed")
+            self._progress.stop_task(self._task)
+            self._task = None
+
     def advance(self, n: int) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
 
     def finish(self, detail: str = "") -> None:
+        if self._task is None and self._progress is not None:
+            return
         if self._progress is not None and self._task is not None:
             total = self._progress.tasks[self._task].total or 1
             self._progress.update(self._task, total=total, completed=total, detail=detail)

@@ -308,9 +308,6 @@ class Executor:
             zygote = self._zygotes.get(key)
             if zygote is not None and zygote.alive:
                 return zygote, False
-            for other, old in list(self._zygotes.items()):
-                if other[0] == version.name and other != key:
-                    old.retire()  # a new version: the old zygote goes once its instances do
             if key in self._unforkable:
                 raise Unforkable()
             try:
@@ -329,10 +326,41 @@ class Executor:
                     instance.emit_line(line)
             return zygote, True
 
+    async def check_init(self, version: Version) -> InitFailed | None:
+        """Run ``version``'s init before it is published (its deploy-time verdict): the
+        init error its first request would get, or None.
+
+        With function zygotes this starts the version's zygote (as Lambda SnapStart
+        initialises at publish), which then stays for its first request, the
+        ``zygote_keep_warm`` it is allowed. Without, one instance runs the init and
+        stops."""
+        if self.function_zygotes and (version.name, version.number) not in self._unforkable:
+            try:
+                zygote, _ = await self._zygote_for(version)
+            except Unforkable:
+                return None  # its init succeeded; only a fork cannot share it
+            except InitFailed as e:
+                return e
+            if version.spec.scaling.zygote_keep_warm <= 0:
+                self._stop_zygote(zygote)
+            else:
+                zygote.idle_if_unused()
+            return None
+        try:
+            instance = await self._start(version)
+        except InitFailed as e:
+            return e
+        await instance.stop()
+        return None
+
     def prepare(self, version: Version) -> None:
-        """A version was published: start its function zygote now (as Lambda SnapStart
-        initialises at publish), so that even its first request is a fork. Not when
-        its zygote would stop at once (``zygote_keep_warm: 0``)."""
+        """A version was just published: the other versions' zygotes retire (each stops
+        once its last instance does), and this one's starts if it is not up (as Lambda
+        SnapStart initialises at publish), so that even its first request is a fork.
+        Not when its zygote would stop at once (``zygote_keep_warm: 0``)."""
+        for key, old in list(self._zygotes.items()):
+            if key[0] == version.name and key[1] != version.number:
+                old.retire()
         if not self.function_zygotes or version.spec.scaling.zygote_keep_warm <= 0:
             return
 

@@ -48,6 +48,11 @@ class FunctionStore(TriggerStateStore, Protocol):
         """Every function with its latest version."""
         ...
 
+    async def reserve_uid(self) -> int:
+        """A sandbox uid never handed out before, for a function about to be created
+        (its init runs before the function exists: see ``Functions``)."""
+        ...
+
     async def publish(
         self,
         spec: FunctionSpec,
@@ -55,11 +60,13 @@ class FunctionStore(TriggerStateStore, Protocol):
         layer_sha256: str | None,
         *,
         create: bool,
+        uid: int | None = None,
     ) -> FunctionRecord:
         """Publish a new version of ``spec.name``.
 
-        ``create=True`` makes a new function (``ResourceConflict`` if it exists);
-        ``create=False`` adds a version to an existing one (``ResourceNotFound`` if not).
+        ``create=True`` makes a new function (``ResourceConflict`` if it exists), with
+        ``uid`` when given (from :meth:`reserve_uid`), else a new one; ``create=False``
+        adds a version to an existing one (``ResourceNotFound`` if not).
         """
         ...
 

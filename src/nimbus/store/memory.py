@@ -36,6 +36,11 @@ class MemoryStore:
             for name in sorted(self._functions)
         ]
 
+    async def reserve_uid(self) -> int:
+        uid = self._next_uid
+        self._next_uid += 1
+        return uid
+
     async def publish(
         self,
         spec: FunctionSpec,
@@ -43,6 +48,7 @@ class MemoryStore:
         layer_sha256: str | None,
         *,
         create: bool,
+        uid: int | None = None,
     ) -> FunctionRecord:
         now = self._clock()
         exists = spec.name in self._functions
@@ -51,8 +57,7 @@ class MemoryStore:
         if not create and not exists:
             raise ResourceNotFound(f"function {spec.name!r} does not exist")
         if not exists:
-            self._functions[spec.name] = (now, self._next_uid)
-            self._next_uid += 1
+            self._functions[spec.name] = (now, uid if uid is not None else await self.reserve_uid())
             self._versions[spec.name] = []
         created_at, uid = self._functions[spec.name]
         number = len(self._versions[spec.name]) + 1

@@ -102,8 +102,10 @@ class SqliteStore:
         layer_sha256: str | None,
         *,
         create: bool,
+        uid: int | None = None,
     ) -> FunctionRecord:
         now = time.time()
+        given_uid = uid
         spec_json = orjson.dumps(spec.model_dump(mode="json")).decode()
 
         def tx(db: sqlite3.Connection) -> FunctionRecord:
@@ -120,7 +122,8 @@ class SqliteStore:
                 if not create and row is None:
                     raise ResourceNotFound(f"function {spec.name!r} does not exist")
                 if row is None:
-                    created_at, number, uid = now, 1, _next_uid(db)
+                    created_at, number = now, 1
+                    uid = given_uid if given_uid is not None else _next_uid(db)
                     db.execute(
                         "INSERT INTO functions (name, created_at, latest, uid) VALUES (?, ?, ?, ?)",
                         (spec.name, now, number, uid),
@@ -142,6 +145,19 @@ class SqliteStore:
                 raise
             version = Version(spec, number, code_sha256, layer_sha256, now, uid)
             return FunctionRecord(spec.name, created_at, version)
+
+        return await self._run(tx)
+
+    async def reserve_uid(self) -> int:
+        def tx(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                uid = _next_uid(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return uid
 
         return await self._run(tx)
 
