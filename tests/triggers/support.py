@@ -3,6 +3,8 @@ received, waiting on a trigger's state, and private brokers on free ports.
 
 The sink (tests/fixtures/functions/trigger-sink) prints each record it gets as a
 ``RECORD <json>`` line; :func:`records` reads them back from its logs, in order.
+The Lambda-code fixtures (``sqs-consumer``, ``s3-consumer``, ``iot-consumer``) print
+``SQS <json>``, ``S3 <json>`` and ``IOT <json>`` lines: :func:`printed` reads those.
 
 Private brokers are real server binaries from Debian's packages, started on a free
 loopback port with their data in a temp dir, so a test can stop and restart its
@@ -32,12 +34,31 @@ SINK = "trigger-sink"
 
 def records(server: NimbusServer, function: str) -> list[dict[str, Any]]:
     """Every record the sink function printed, oldest first."""
+    return printed(server, function, "RECORD")
+
+
+def printed(server: NimbusServer, function: str, tag: str) -> list[dict[str, Any]]:
+    """Every ``<tag> <json>`` line ``function`` printed, oldest first."""
     out = []
     for rec in server.logs(function, limit=10000):
         message = rec.get("message", "")
-        if message.startswith("RECORD "):
-            out.append(json.loads(message.removeprefix("RECORD ")))
+        if message.startswith(f"{tag} "):
+            out.append(json.loads(message.removeprefix(f"{tag} ")))
     return out
+
+
+def wait_printed(
+    server: NimbusServer, function: str, tag: str, count: int, timeout: float = 20
+) -> list[dict[str, Any]]:
+    """At least ``count`` ``<tag>`` lines printed by ``function``."""
+    return list(
+        wait_for(
+            f"{count} {tag} lines from {function}",
+            lambda: p if len(p := printed(server, function, tag)) >= count else None,
+            timeout=timeout,
+            server=server,
+        )
+    )
 
 
 def bodies(server: NimbusServer, function: str) -> list[Any]:
@@ -108,8 +129,15 @@ def wait_state(
     )
 
 
-def deploy_sink(server: NimbusServer, name: str, *triggers: dict[str, Any], **spec: Any) -> None:
-    r = server.deploy(SINK, name=name, triggers=list(triggers), **spec)
+def deploy_sink(
+    server: NimbusServer,
+    name: str,
+    *triggers: dict[str, Any],
+    fixture: str = SINK,
+    **spec: Any,
+) -> None:
+    """Deploy the sink (or another fixture) as ``name`` with these triggers."""
+    r = server.deploy(fixture, name=name, triggers=list(triggers), **spec)
     assert r.status_code == 201, r.text
 
 

@@ -48,6 +48,7 @@ from tests.triggers.support import (
     records,
     trigger,
     wait_for,
+    wait_printed,
     wait_records,
     wait_state,
 )
@@ -347,16 +348,27 @@ def test_messages_arrive_with_their_amqp_metadata(server: NimbusServer, shared: 
     first, second = sorted(wait_records(server, "amqp-meta", 2), key=lambda r: str(r["body"]))
     assert first["body"] == '{"n": 1}'
     assert first["messageId"] == "order-1"
-    assert first["queue"] == queue and first["routingKey"] == queue
-    assert first["exchange"] == "" and first["redelivered"] is False
-    assert first["contentType"] == "application/json"
-    assert first["headers"] == {"nimbus-depth": "2", "tenant": "acme", "route": '["a",1]'}
-    assert first["timestamp"].startswith(time.strftime("%Y-%m-%dT", time.gmtime(stamp)))
-    assert first["nimbusDepth"] == 3  # what the function passes on when it publishes
-    assert first["eventSource"] == "nimbus:amqp"
-    assert first["eventSourceArn"] == "nimbus:amqp:amqp-meta:q"
-    assert second["messageId"] and second["headers"] == {}
-    assert isinstance(second["deliveryTag"], int) and second["contentType"] is None
+    assert first["eventSource"] == "aws:sqs"
+    assert first["eventSourceARN"] == f"arn:aws:sqs:us-east-1:000000000000:{queue}"
+    assert first["attributes"]["ApproximateReceiveCount"] == "1"
+    assert first["attributes"]["SentTimestamp"] == str(stamp * 1000)
+    attributes = first["messageAttributes"]
+    assert {k: (a["dataType"], a["stringValue"]) for k, a in attributes.items()} == {
+        "nimbus-depth": ("Number", "2"),
+        "tenant": ("String", "acme"),
+        "route": ("String", '["a",1]'),
+    }
+    meta = first["nimbus"]
+    assert meta["queue"] == queue and meta["routingKey"] == queue
+    assert meta["exchange"] == "" and meta["redelivered"] is False
+    assert meta["contentType"] == "application/json"
+    assert meta["headers"] == {"nimbus-depth": "2", "tenant": "acme", "route": '["a",1]'}
+    assert meta["timestamp"].startswith(time.strftime("%Y-%m-%dT", time.gmtime(stamp)))
+    assert meta["depth"] == 3  # what the function passes on when it publishes
+    assert second["messageId"] and second["nimbus"]["headers"] == {}
+    assert second["messageAttributes"] == {}
+    assert isinstance(second["nimbus"]["deliveryTag"], int)
+    assert second["nimbus"]["contentType"] is None
     status = wait_for(
         "both acked",
         lambda: (s := trigger(server, "amqp-meta", "q")["status"])["succeeded"] == 2 and s,
@@ -385,8 +397,9 @@ def test_a_topic_exchange_routes_by_wildcard(server: NimbusServer, shared: Broke
     wait_records(server, "amqp-wild", 3)
     time.sleep(1.0)  # and nothing else comes
     got = records(server, "amqp-wild")
-    assert sorted(r["routingKey"] for r in got) == ["audit", "audit.x.y", "orders.created"]
-    assert {r["exchange"] for r in got} == {exchange}
+    got_keys = sorted(r["nimbus"]["routingKey"] for r in got)
+    assert got_keys == ["audit", "audit.x.y", "orders.created"]
+    assert {r["nimbus"]["exchange"] for r in got} == {exchange}
 
 
 def test_request_reply_publishes_the_result_to_reply_to(
@@ -512,7 +525,7 @@ def test_without_a_dead_letter_exchange_failures_go_to_the_functions_destination
     assert result["requestContext"]["condition"] == "RetriesExhausted"
     assert result["requestContext"]["approximateInvokeCount"] == 2
     record = result["requestPayload"]["Records"][0]
-    assert record["messageId"] == "to-dlq" and record["queue"] == queue
+    assert record["messageId"] == "to-dlq" and record["nimbus"]["queue"] == queue
     assert "told to fail" in result["responsePayload"]["errorMessage"]
     # Nimbus's destination took it, so it was acked: nothing returns to the queue.
     shared.stop_function(server, "amqp-failing")
@@ -678,7 +691,7 @@ def test_a_nimbus_restart_mid_stream_loses_nothing(tmp_path: Path, shared: Broke
         got = wait_for("every message", delivered, timeout=60, server=second)
         duplicates = len(got) - total
         print(f"{total} messages, {len(got)} deliveries: {duplicates} after the restart again")
-        assert any(r["redelivered"] for r in got)  # the in-flight ones came back
+        assert any(r["nimbus"]["redelivered"] for r in got)  # the in-flight ones came back
         status = wait_for(
             "every message taken to be acked",
             lambda: (
@@ -691,3 +704,45 @@ def test_a_nimbus_restart_mid_stream_loses_nothing(tmp_path: Path, shared: Broke
         assert status["failed"] == 0
         shared.stop_function(second, "amqp-nrestart")
         assert shared.ready(queue) == 0  # nothing was left unacked
+
+
+# -- Lambda's SQS shape ------------------------------------------------------------------
+def test_sqs_consumer_code_reads_every_field_of_a_message(
+    server: NimbusServer, shared: Broker
+) -> None:
+    queue = shared.queue("sqs")
+    consume(server, shared, "amqp-sqs", queue, function_spec={"fixture": "sqs-consumer"})
+    stamp = int(time.time())
+    shared.publish(
+        queue,
+        {"order": 7},
+        message_id="order-7",
+        user_id="guest",  # RabbitMQ checks it is the publishing connection's user
+        timestamp=stamp,
+        headers={
+            "tenant": "acme",
+            "attempts": 5,
+            "ratio": 1.5,
+            "raw": bytearray(b"\x00\xff"),
+            "vip": True,
+        },
+    )
+    [seen] = wait_printed(server, "amqp-sqs", "SQS", 1)
+    assert seen["message_id"] == "order-7" and json.loads(seen["body"]) == {"order": 7}
+    assert seen["receipt_handle"]
+    assert seen["approximate_receive_count"] == 1
+    assert seen["sent_timestamp"] == stamp * 1000
+    assert seen["first_receive_timestamp"] >= seen["sent_timestamp"]
+    assert seen["sender_id"] == "guest"
+    assert seen["message_attributes"] == {
+        "tenant": {"string_value": "acme", "binary_value": None, "data_type": "String"},
+        "attempts": {"string_value": "5", "binary_value": None, "data_type": "Number"},
+        "ratio": {"string_value": "1.5", "binary_value": None, "data_type": "Number"},
+        "raw": {"string_value": None, "binary_value": "00ff", "data_type": "Binary"},
+        "vip": {"string_value": "true", "binary_value": None, "data_type": "String"},
+    }
+    assert seen["md5_ok"] is True and seen["event_source"] == "aws:sqs"
+    assert seen["event_source_arn"] == f"arn:aws:sqs:us-east-1:000000000000:{queue}"
+    assert seen["aws_region"] == seen["function_region"] == "us-east-1"
+    assert seen["queue_url"] == f"https://sqs.us-east-1.amazonaws.com/000000000000/{queue}"
+    assert seen["nimbus"]["queue"] == queue and seen["nimbus"]["routingKey"] == queue

@@ -1,17 +1,29 @@
 """File triggers against a real ``nimbus up`` watching real directories (inotify):
-create, modify, delete and move; bursts debounced into one event; a file written
-slowly delivered once, complete; the directory mounted read-only in the sandbox;
-patterns and event filters; paths outside the allowed roots refused."""
+create, modify, delete and move as S3 event notification records (and as Nimbus's
+own with ``shape: native``), read by S3 consumer code written for Lambda; bursts
+debounced into one event; a file written slowly delivered once, complete; the
+directory mounted read-only in the sandbox; patterns and event filters; paths
+outside the allowed roots refused."""
 
 from __future__ import annotations
 
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 from tests.support import NimbusServer
-from tests.triggers.support import deploy_sink, records, wait_for, wait_records, wait_state
+from tests.triggers.support import (
+    deploy_sink,
+    printed,
+    records,
+    wait_for,
+    wait_printed,
+    wait_records,
+    wait_state,
+)
 
 
 def watch(server: NimbusServer, name: str, directory: Path, **fields: Any) -> None:
@@ -20,13 +32,110 @@ def watch(server: NimbusServer, name: str, directory: Path, **fields: Any) -> No
 
 
 def events(server: NimbusServer, name: str) -> list[tuple[str, str]]:
-    return [(r["eventName"], r["file"]["key"]) for r in records(server, name)]
+    """(what happened, the key) of every S3 record the sink got."""
+    return [(r["nimbus"]["change"], r["nimbus"]["key"]) for r in records(server, name)]
+
+
+def test_create_modify_delete_and_move_are_s3_event_records(
+    server: NimbusServer, tmp_path: Path
+) -> None:
+    watch(server, "files-s3", tmp_path, debounce=0.1)
+    target = tmp_path / "a b+c.txt"
+    target.write_text("hello")
+    wait_records(server, "files-s3", 1)
+    time.sleep(0.3)
+    target.write_text("hello again")
+    wait_records(server, "files-s3", 2)
+    time.sleep(0.3)
+    target.rename(tmp_path / "moved.txt")
+    wait_records(server, "files-s3", 3)
+    time.sleep(0.3)
+    (tmp_path / "moved.txt").unlink()
+    created, modified, moved, deleted = wait_records(server, "files-s3", 4)
+    assert [r["eventName"] for r in (created, modified, moved, deleted)] == [
+        "ObjectCreated:Put",
+        "ObjectCreated:Put",
+        "ObjectCreated:Copy",
+        "ObjectRemoved:Delete",
+    ]
+    bucket = tmp_path.name.lower().replace("_", "-")  # the directory's name, as S3 allows
+    for record in (created, modified, moved, deleted):
+        assert record["eventVersion"] == "2.1" and record["eventSource"] == "aws:s3"
+        assert record["awsRegion"] == "us-east-1"
+        assert record["eventTime"].endswith("Z")
+        datetime.fromisoformat(record["eventTime"].replace("Z", "+00:00"))
+        assert record["requestParameters"] == {"sourceIPAddress": "127.0.0.1"}
+        assert record["s3"]["s3SchemaVersion"] == "1.0"
+        assert record["s3"]["configurationId"] == "inbox"
+        assert record["s3"]["bucket"] == {
+            "name": bucket,
+            "ownerIdentity": {"principalId": "000000000000"},
+            "arn": f"arn:aws:s3:::{bucket}",
+        }
+    # The key URL-encoded as S3 does it.
+    assert created["s3"]["object"]["key"] == "a+b%2Bc.txt"
+    assert unquote_plus(created["s3"]["object"]["key"]) == "a b+c.txt"
+    assert created["s3"]["object"]["size"] == 5
+    assert modified["s3"]["object"]["size"] == len("hello again")
+    # The eTag names a version of the file: it changes when the file does.
+    assert len(created["s3"]["object"]["eTag"]) == 32
+    assert created["s3"]["object"]["eTag"] != modified["s3"]["object"]["eTag"]
+    assert moved["s3"]["object"]["key"] == "moved.txt"
+    assert moved["nimbus"]["oldKey"] == "a b+c.txt"
+    assert moved["nimbus"]["oldPath"] == str(target)
+    assert set(deleted["s3"]["object"]) == {"key", "sequencer"}  # as S3's: no size, no eTag
+    sequencers = [r["s3"]["object"]["sequencer"] for r in (created, modified, moved, deleted)]
+    assert sequencers == sorted(sequencers) and len(set(sequencers)) == 4
+    assert created["nimbus"]["path"] == str(target) and "mtime" in created["nimbus"]
+
+
+def test_s3_consumer_code_reads_the_bucket_the_key_and_the_object(
+    server: NimbusServer, tmp_path: Path
+) -> None:
+    """Code written for S3 notifications, unmodified: it decodes the key and reads the
+    object where the bucket is mounted."""
+    os.chmod(tmp_path, 0o755)  # the function runs as its own uid: it must be able to read
+    r = server.deploy(
+        "s3-consumer",
+        name="files-s3-code",
+        environment={"BUCKET_ROOT": "/mnt/uploads"},
+        triggers=[
+            {
+                "type": "files",
+                "name": "uploads",
+                "path": str(tmp_path),
+                "bucket": "my-uploads",
+                "mount": "/mnt/uploads",
+                "debounce": 0.1,
+            }
+        ],
+    )
+    assert r.status_code == 201, r.text
+    wait_state(server, "files-s3-code", "uploads")
+    (tmp_path / "in dir").mkdir(mode=0o755)
+    upload = tmp_path / "in dir" / "report 1+1.csv"
+    upload.write_text("a,b\n")
+    os.chmod(upload, 0o644)
+    [seen] = wait_printed(server, "files-s3-code", "S3", 1)
+    assert seen["event_name"] == "ObjectCreated:Put" and seen["event_source"] == "aws:s3"
+    assert seen["bucket"] == "my-uploads" and seen["bucket_arn"] == "arn:aws:s3:::my-uploads"
+    assert seen["raw_key"] == "in+dir/report+1%2B1.csv"
+    assert seen["key"] == "in dir/report 1+1.csv"
+    assert seen["content"] == "a,b\n"  # read through the mount, at the decoded key
+    assert seen["size"] == 4 and seen["etag"] and seen["sequencer"]
+    assert seen["configuration_id"] == "uploads" and seen["aws_region"] == "us-east-1"
+    assert seen["nimbus"]["localPath"] == "/mnt/uploads/in dir/report 1+1.csv"
+    upload.unlink()
+    _, gone = wait_printed(server, "files-s3-code", "S3", 2)
+    assert gone["event_name"] == "ObjectRemoved:Delete" and gone["size"] is None
+    assert len(printed(server, "files-s3-code", "S3")) == 2
+    server.client.delete("/v1/functions/files-s3-code")
 
 
 def test_create_modify_delete_and_move_each_become_one_event(
     server: NimbusServer, tmp_path: Path
 ) -> None:
-    watch(server, "files-basic", tmp_path, debounce=0.1)
+    watch(server, "files-basic", tmp_path, debounce=0.1, shape="native")
     target = tmp_path / "a.txt"
     target.write_text("hello")
     wait_records(server, "files-basic", 1)
@@ -39,7 +148,7 @@ def test_create_modify_delete_and_move_each_become_one_event(
     time.sleep(0.3)
     (tmp_path / "b.txt").unlink()
     wait_records(server, "files-basic", 4)
-    assert events(server, "files-basic") == [
+    assert [(r["eventName"], r["file"]["key"]) for r in records(server, "files-basic")] == [
         ("created", "a.txt"),
         ("modified", "a.txt"),
         ("moved", "b.txt"),
@@ -52,6 +161,7 @@ def test_create_modify_delete_and_move_each_become_one_event(
     assert moved["oldFile"]["key"] == "a.txt"
     assert "size" not in deleted["file"]
     assert created["eventSource"] == "nimbus:files"
+    assert created["eventName"] == "created" and "nimbus" not in created
 
 
 def test_a_burst_of_writes_is_debounced_and_a_slow_file_arrives_once_whole(
@@ -70,10 +180,10 @@ def test_a_burst_of_writes_is_debounced_and_a_slow_file_arrives_once_whole(
             time.sleep(0.2)
     wait_records(server, "files-burst", 2)
     time.sleep(1.5)  # nothing more comes
-    got = {r["file"]["key"]: r for r in records(server, "files-burst")}
+    got = {r["nimbus"]["key"]: r for r in records(server, "files-burst")}
     assert len(records(server, "files-burst")) == 2, records(server, "files-burst")
-    assert got["burst.log"]["eventName"] == "created"
-    assert got["slow.bin"]["file"]["size"] == 8000
+    assert got["burst.log"]["nimbus"]["change"] == "created"
+    assert got["slow.bin"]["s3"]["object"]["size"] == 8000
 
 
 def test_patterns_and_event_types_filter_what_is_delivered(
@@ -100,7 +210,7 @@ def test_the_watched_directory_is_mounted_read_only_in_the_sandbox(
     probe = tmp_path / "probe.txt"
     probe.write_text("seen inside")
     record = wait_records(server, "files-mount", 1)[0]
-    assert record["file"]["localPath"] == "/mnt/inbox/probe.txt"
+    assert record["nimbus"]["localPath"] == "/mnt/inbox/probe.txt"
     # The function can read it there, but not write: read-only.
     code = (
         "import json\n"
@@ -165,7 +275,7 @@ def test_a_failing_function_retries_then_dead_letters_to_its_destination(
     result = server.client.get(f"/v1/invocations/{done[0]['id']}").json()["result"]
     assert result["requestContext"]["condition"] == "RetriesExhausted"
     assert result["requestContext"]["approximateInvokeCount"] == 2
-    assert result["requestPayload"]["Records"][0]["file"]["key"] == "doomed.txt"
+    assert result["requestPayload"]["Records"][0]["s3"]["object"]["key"] == "doomed.txt"
     assert result["responsePayload"]["errorMessage"] == "no thanks"
     status = wait_state(server, "files-failing", "inbox")["status"]
     assert status["dead_lettered"] == 1 and status["retried"] == 1

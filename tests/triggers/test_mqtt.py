@@ -1,4 +1,7 @@
-"""MQTT triggers against a real ``nimbus up`` and real Mosquitto brokers: delivery with
+"""MQTT triggers against a real ``nimbus up`` and real Mosquitto brokers: events as an
+AWS IoT rule passes them (the payload's JSON object; other payloads base64 under
+``data``; the topic where ``topic_field`` says), read by code written for IoT rules,
+request-response with them; and, with ``shape: native`` records: delivery with
 the record's metadata (MQTT 5 user properties, retain, QoS 0, request-response),
 wildcard filters, acknowledgement only after success (seen in the broker's own log),
 retries after a function error, dead-lettering, back-pressure, a broker restart and
@@ -13,6 +16,7 @@ and client ids of their own, and forget their sessions afterwards.
 
 from __future__ import annotations
 
+import base64
 import getpass
 import json
 import os
@@ -43,6 +47,7 @@ from tests.triggers.support import (
     records,
     trigger,
     wait_for,
+    wait_printed,
     wait_records,
     wait_state,
 )
@@ -175,7 +180,9 @@ def forget_session(url: str, client_id: str) -> None:
 
 
 def mqtt(url: str, topic: str, name: str = "in", **fields: Any) -> dict[str, Any]:
-    return {"type": "mqtt", "name": name, "url": url, "topic": topic, **fields}
+    """An mqtt trigger spec; Nimbus's own records unless ``shape`` says otherwise (the
+    sink reads ``Records``)."""
+    return {"type": "mqtt", "name": name, "url": url, "topic": topic, "shape": "native", **fields}
 
 
 def status(server: NimbusServer, function: str, name: str = "in") -> dict[str, Any]:
@@ -214,6 +221,99 @@ def base() -> str:
 def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
     with private_broker(tmp_path / "mosquitto", mosquitto(tmp_path / "mosquitto"), "mqtt") as b:
         yield b
+
+
+# -- AWS IoT's shape ----------------------------------------------------------------------
+def test_code_written_for_an_iot_rule_gets_the_payload_itself(
+    server: NimbusServer, sink: Callable[..., str], base: str
+) -> None:
+    name = sink(
+        "mqtt-iot",
+        {"type": "mqtt", "name": "in", "url": SHARED, "topic": f"{base}/plain"},
+        {
+            "type": "mqtt",
+            "name": "topic",
+            "url": SHARED,
+            "topic": f"{base}/with-topic/+",
+            "topic_field": "source_topic",
+        },
+        fixture="iot-consumer",
+    )
+    with Mqtt(SHARED) as client:
+        client.publish(f"{base}/plain", {"temperature": 21.5, "device": "d-1"})
+        client.publish(f"{base}/plain", b"\xff\x00 binary")
+        client.publish(f"{base}/plain", [1, 2])
+        client.publish(f"{base}/with-topic/d-2", {"temperature": 19})
+        client.publish(f"{base}/with-topic/d-3", b"\x01")
+        got = wait_printed(server, name, "IOT", 5)
+    # The JSON object as is (SELECT * FROM ...): nothing added to it.
+    assert {"temperature": 21.5, "device": "d-1"} in got
+    # Not a JSON object: base64 under "data", as SELECT encode(*, 'base64') AS data.
+    assert {"data": base64.b64encode(b"\xff\x00 binary").decode()} in got
+    assert {"data": base64.b64encode(b"[1, 2]").decode()} in got
+    # topic_field: SELECT *, topic() AS source_topic.
+    assert {"temperature": 19, "source_topic": f"{base}/with-topic/d-2"} in got
+    assert {"data": "AQ==", "source_topic": f"{base}/with-topic/d-3"} in got
+    for trigger_name in ("in", "topic"):
+        wait_for(
+            f"every message of {trigger_name} acked",
+            lambda n=trigger_name: (
+                (st := status(server, name, n))["succeeded"] == st["received"] > 0
+            ),
+            server=server,
+        )
+
+
+def test_an_iot_shaped_request_gets_the_functions_result(
+    server: NimbusServer, sink: Callable[..., str], base: str
+) -> None:
+    name = sink(
+        "mqtt-iot-rpc",
+        {"type": "mqtt", "name": "in", "url": SHARED, "topic": f"{base}/requests"},
+        fixture="iot-consumer",
+    )
+    with Mqtt(SHARED) as client:
+        client.subscribe(f"{base}/replies")
+        client.publish(
+            f"{base}/requests",
+            {"temperature": 30},
+            ResponseTopic=f"{base}/replies",
+            CorrelationData=b"req-9",
+        )
+        reply = client.wait_received(1)[0]
+    assert json.loads(reply.payload) == {"temperature": 30, "keys": ["temperature"]}
+    assert getattr(reply.properties, "CorrelationData", None) == b"req-9"
+    assert wait_printed(server, name, "IOT", 1) == [{"temperature": 30}]
+
+
+def test_an_iot_shaped_failure_is_retried_then_dead_lettered(
+    server: NimbusServer, sink: Callable[..., str], broker: PrivateBroker, base: str
+) -> None:
+    with Mqtt(broker.url) as client:
+        client.subscribe(f"{base}/dead")
+        name = sink(
+            "mqtt-iot-dlq",
+            {
+                "type": "mqtt",
+                "name": "in",
+                "url": broker.url,
+                "topic": f"{base}/in",
+                "dead_letter_topic": f"{base}/dead",
+                "max_retries": 1,
+                "retry_backoff": 0.1,
+            },
+            fixture="iot-consumer",
+        )
+        client.publish(f"{base}/in", {"fail": True})
+        dead = client.wait_received(1)[0]
+    assert json.loads(dead.payload) == {"fail": True}
+    assert wait_printed(server, name, "IOT", 2) == [{"fail": True}] * 2  # a try, a retry
+    st = wait_for(
+        "the dead letter counted",
+        lambda: s if (s := status(server, name))["dead_lettered"] == 1 else None,
+        server=server,
+    )
+    assert (st["failed"], st["retried"]) == (1, 1)
 
 
 # -- delivery --------------------------------------------------------------------------

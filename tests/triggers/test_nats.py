@@ -38,6 +38,7 @@ from tests.triggers.support import (
     records,
     trigger,
     wait_for,
+    wait_printed,
     wait_records,
     wait_state,
 )
@@ -224,17 +225,22 @@ def test_jetstream_delivers_each_message_once_with_its_metadata_and_acks_it(case
     assert set(got) == {str(first), str(second)}
     record = got[str(first)]
     assert json.loads(record["body"]) == {"n": 1}
-    assert record["eventSource"] == "nimbus:nats"
-    assert record["eventSourceArn"] == f"nimbus:nats:{fn}:orders"
-    assert record["subject"] == subject
-    assert record["stream"] == stream
-    assert record["consumer"] == consumer_of(fn, "orders")
-    assert record["streamSequence"] == first
-    assert record["consumerSequence"] in (1, 2)
-    assert record["deliveryCount"] == 1 and record["redelivered"] is False
-    assert record["headers"] == {"X-Trace": "abc"}
-    assert record["nimbusDepth"] == 1
-    datetime.fromisoformat(record["timestamp"])
+    assert record["eventSource"] == "aws:sqs"
+    assert record["eventSourceARN"] == f"arn:aws:sqs:us-east-1:000000000000:{stream}"
+    assert record["attributes"]["ApproximateReceiveCount"] == "1"
+    trace = record["messageAttributes"]["X-Trace"]
+    assert trace["stringValue"] == "abc" and trace["dataType"] == "String"
+    meta = record["nimbus"]
+    assert meta["subject"] == subject
+    assert meta["stream"] == stream
+    assert meta["consumer"] == consumer_of(fn, "orders")
+    assert meta["streamSequence"] == first
+    assert meta["consumerSequence"] in (1, 2)
+    assert meta["deliveryCount"] == 1 and meta["redelivered"] is False
+    assert meta["headers"] == {"X-Trace": "abc"}
+    assert meta["depth"] == 1
+    stored = datetime.fromisoformat(meta["timestamp"])
+    assert record["attributes"]["SentTimestamp"] == str(int(stored.timestamp() * 1000))
     # Acked after success: the consumer has nothing pending or unacknowledged.
     wait_for(
         "both messages acked",
@@ -255,11 +261,14 @@ def test_core_nats_delivers_in_a_queue_group_and_answers_requests(case: Case) ->
     assert case.nats.request(subject, {"q": 1}) == {"ok": True, "count": 1, "bodies": [{"q": 1}]}
     case.nats.publish(subject, {"q": 2}, headers={"Nats-Msg-Id": "m-2"})
     asked, told = wait_records(case.server, fn, 2)
-    assert asked["request"] is True and told["request"] is False
+    assert asked["nimbus"]["request"] is True and told["nimbus"]["request"] is False
     assert told["messageId"] == "m-2" and asked["messageId"]
-    assert asked["subject"] == subject
-    assert asked["queue"] == consumer_of(fn, "ask")
-    assert "stream" not in asked
+    assert asked["nimbus"]["subject"] == subject
+    assert asked["nimbus"]["queue"] == consumer_of(fn, "ask")
+    assert "stream" not in asked["nimbus"]
+    # Core NATS has no stream: the ARN names the subject, as SQS allows.
+    queue = subject.replace(".", "-")
+    assert asked["eventSourceARN"] == f"arn:aws:sqs:us-east-1:000000000000:{queue}"
     status = case.status(fn, "ask")
     assert status["succeeded"] == 2 and status["state"] == "connected"
 
@@ -276,9 +285,7 @@ def test_wildcard_subjects_route_one_token_or_the_rest(case: Case) -> None:
         case.nats.publish(subject, {"to": subject})
     wait_records(case.server, fn, 3)
     time.sleep(1.0)  # and nothing more comes
-    got = sorted(
-        (r["eventSourceArn"].rsplit(":", 1)[1], r["subject"]) for r in records(case.server, fn)
-    )
+    got = sorted((r["nimbus"]["trigger"], r["nimbus"]["subject"]) for r in records(case.server, fn))
     assert got == [("rest", f"{base}.eu"), ("rest", f"{base}.eu.paris"), ("star", f"{base}.eu")]
 
 
@@ -314,7 +321,7 @@ def test_a_failing_message_is_held_unacked_and_retried_until_it_succeeds(case: C
     assert len(tries) >= 2, tries  # delivered again after the error...
     assert {r["messageId"] for r in tries} == {str(seq)}
     # ...by Nimbus, holding it: JetStream never redelivered it.
-    assert {r["deliveryCount"] for r in tries} == {1}
+    assert {r["nimbus"]["deliveryCount"] for r in tries} == {1}
     status = case.status(fn, "flaky")
     assert status["retried"] == len(tries) - 1 and status["failed"] == 0
     wait_for("the ack", lambda: case.nats.consumer(stream, consumer).num_ack_pending == 0)
@@ -420,7 +427,7 @@ def test_without_a_dead_letter_subject_the_function_destination_gets_it(case: Ca
     result = case.server.client.get(f"/v1/invocations/{done[0]['id']}").json()["result"]
     assert result["requestContext"]["condition"] == "RetriesExhausted"
     [record] = result["requestPayload"]["Records"]
-    assert record["subject"] == subject and record["stream"] == stream
+    assert record["nimbus"]["subject"] == subject and record["nimbus"]["stream"] == stream
     # Nimbus took it, so it is acknowledged at the broker.
     wait_for(
         "the ack",
@@ -446,7 +453,7 @@ def test_a_message_too_deep_in_a_chain_is_not_delivered_but_dead_lettered(case: 
     case.nats.store(subject, {"deep": 15}, headers={"nimbus-depth": "15"})
 
     [record] = wait_records(case.server, fn, 1)
-    assert json.loads(record["body"]) == {"deep": 15} and record["nimbusDepth"] == 16
+    assert json.loads(record["body"]) == {"deep": 15} and record["nimbus"]["depth"] == 16
     wait_for("the dead letter", lambda: letters)
     assert json.loads(letters[0].data) == {"deep": 16}
     assert letters[0].headers is not None
@@ -558,7 +565,7 @@ def test_a_nimbus_restart_mid_stream_loses_nothing(case: Case, tmp_path: Path) -
         # The message whose invocation was killed came back from JetStream. (Its first
         # delivery may be missing from the logs: they are written in batches every
         # 50 ms, and the first server was killed; so a duplicate may not show in `got`.)
-        assert any(r["deliveryCount"] >= 2 for r in got), got
+        assert any(r["nimbus"]["deliveryCount"] >= 2 for r in got), got
         assert 0 <= duplicates <= 3, got  # at most what was in flight, plus one waiting
         second.client.delete(f"/v1/functions/{fn}")
 
@@ -641,3 +648,40 @@ def test_a_missing_stream_is_an_error_unless_nimbus_may_create_it(case: Case) ->
     )
     assert r.status_code == 400
     assert "must not be a subject the trigger itself receives" in r.json()["error"]["message"]
+
+
+# -- Lambda's SQS shape --------------------------------------------------------------------
+def test_sqs_consumer_code_reads_every_field_of_a_jetstream_message(case: Case) -> None:
+    fn, subject, stream = case.name("sqs"), case.subject("orders"), case.stream("orders")
+    case.deploy(
+        fn,
+        {"type": "nats", "name": "orders", "subject": subject, "stream": stream},
+        fixture="sqs-consumer",
+    )
+    before = int(time.time() * 1000)
+    sequence = case.nats.store(subject, {"order": 7}, headers={"tenant": "acme"})
+    [seen] = wait_printed(case.server, fn, "SQS", 1)
+    assert seen["message_id"] == str(sequence) and json.loads(seen["body"]) == {"order": 7}
+    assert seen["receipt_handle"]
+    assert seen["approximate_receive_count"] == 1
+    assert before - 1000 <= seen["sent_timestamp"] <= seen["first_receive_timestamp"] + 1000
+    assert seen["sender_id"] == "000000000000"
+    assert seen["message_attributes"] == {
+        "tenant": {"string_value": "acme", "binary_value": None, "data_type": "String"}
+    }
+    assert seen["md5_ok"] is True and seen["event_source"] == "aws:sqs"
+    assert seen["event_source_arn"] == f"arn:aws:sqs:us-east-1:000000000000:{stream}"
+    assert seen["aws_region"] == seen["function_region"] == "us-east-1"
+    assert seen["queue_url"] == f"https://sqs.us-east-1.amazonaws.com/000000000000/{stream}"
+    assert seen["nimbus"]["subject"] == subject and seen["nimbus"]["stream"] == stream
+
+
+def test_core_nats_requests_are_answered_with_sqs_shaped_records(case: Case) -> None:
+    fn, subject = case.name("core-sqs"), case.subject("ask.eu")
+    case.deploy(fn, {"type": "nats", "name": "ask", "subject": f"{case.subject('ask')}.*"})
+    reply = case.nats.request(subject, {"q": 1})
+    assert reply == {"ok": True, "count": 1, "bodies": [{"q": 1}]}
+    [record] = records(case.server, fn)
+    queue = f"t{case.uid}-ask-any"  # the trigger's subject, as SQS allows
+    assert record["eventSourceARN"] == f"arn:aws:sqs:us-east-1:000000000000:{queue}"
+    assert record["nimbus"]["subject"] == subject and record["nimbus"]["request"] is True

@@ -33,6 +33,7 @@ from tests.triggers.support import (
     records,
     trigger,
     wait_for,
+    wait_printed,
     wait_records,
     wait_state,
 )
@@ -145,23 +146,43 @@ def test_entries_are_delivered_with_their_stream_metadata(
 
     assert set(got) == {earlier, with_body, without_body, binary}
     first = got[with_body]
-    assert first["eventSource"] == "nimbus:redis"
-    assert first["eventSourceArn"] == "nimbus:redis:redis-basic:orders"
-    assert first["stream"] == stream
-    assert first["group"] == group_of("redis-basic")
-    assert first["consumer"] == consumer_of("redis-basic")
-    assert first["deliveryCount"] == 1
-    assert first["fields"] == {"body": '{"n": 1}', "source": "test", "nimbus-depth": "2"}
+    # Lambda's SQS record, the queue being the stream ...
+    assert first["eventSource"] == "aws:sqs"
+    assert first["eventSourceARN"] == f"arn:aws:sqs:us-east-1:000000000000:{stream}"
+    assert first["attributes"]["ApproximateReceiveCount"] == "1"
+    assert first["attributes"]["SentTimestamp"] == with_body.split("-")[0]
     assert json.loads(first["body"]) == {"n": 1}
-    assert first["nimbusDepth"] == 3  # what the function should pass on: depth + 1
+    # ... the fields but the body as its attributes ...
+    assert first["messageAttributes"] == {
+        name: {
+            "stringValue": value,
+            "binaryValue": None,
+            "stringListValues": [],
+            "binaryListValues": [],
+            "dataType": "String",
+        }
+        for name, value in (("source", "test"), ("nimbus-depth", "2"))
+    }
+    # ... and Redis's own view under "nimbus".
+    meta = first["nimbus"]
+    assert meta["stream"] == stream
+    assert meta["group"] == group_of("redis-basic")
+    assert meta["consumer"] == consumer_of("redis-basic")
+    assert meta["deliveryCount"] == 1
+    assert meta["fields"] == {"body": '{"n": 1}', "source": "test", "nimbus-depth": "2"}
+    assert meta["depth"] == 3  # what the function should pass on: depth + 1
     # No "body" field: the body is the JSON of all the fields.
     assert json.loads(got[without_body]["body"]) == {"customer": "ada", "amount": "12"}
-    assert got[without_body]["nimbusDepth"] == 1
+    assert set(got[without_body]["messageAttributes"]) == {"customer", "amount"}
+    assert got[without_body]["nimbus"]["depth"] == 1
     # A value that is not text is base64, and named as such.
-    assert got[binary]["binaryFields"] == ["blob"]
-    assert base64.b64decode(got[binary]["fields"]["blob"]) == b"\xff\xfe\x00"
-    assert got[binary]["fields"]["kind"] == "blob"
-    assert "binaryFields" not in got[without_body]
+    blob = got[binary]["messageAttributes"]["blob"]
+    assert blob["dataType"] == "Binary" and blob["stringValue"] is None
+    assert base64.b64decode(blob["binaryValue"]) == b"\xff\xfe\x00"
+    assert got[binary]["nimbus"]["binaryFields"] == ["blob"]
+    assert base64.b64decode(got[binary]["nimbus"]["fields"]["blob"]) == b"\xff\xfe\x00"
+    assert got[binary]["nimbus"]["fields"]["kind"] == "blob"
+    assert "binaryFields" not in got[without_body]["nimbus"]
 
     wait_nothing_pending(db, stream, group_of("redis-basic"))
     consumers = db.xinfo_consumers(stream, group_of("redis-basic"))
@@ -189,8 +210,9 @@ def test_each_trigger_gets_only_the_entries_of_its_own_stream(
     assert len(records(server, "redis-routes")) == 6
     for record in got:
         colour = json.loads(record["body"])["colour"]
-        assert record["stream"] == (red if colour == "red" else blue)
-        assert record["eventSourceArn"] == f"nimbus:redis:redis-routes:{colour}"
+        assert record["nimbus"]["stream"] == (red if colour == "red" else blue)
+        assert record["eventSourceARN"].endswith(f":{red if colour == 'red' else blue}")
+        assert record["nimbus"]["trigger"] == colour
     assert sorted(json.loads(r["body"])["i"] for r in got) == [0, 0, 1, 1, 2, 2]
 
 
@@ -420,7 +442,7 @@ def test_a_nimbus_restart_mid_stream_loses_nothing(tmp_path: Path, scratch: Scra
         got = [json.loads(r) for r in seen]
         duplicates = len(got) - count
         assert duplicates <= in_flight, got
-        again = [r for r in got if r["deliveryCount"] > 1]
+        again = [r for r in got if r["nimbus"]["deliveryCount"] > 1]
         assert len(again) >= 1  # the pending entries, re-read by the same consumer
         consumers = [c["name"].decode() for c in db.xinfo_consumers(stream, group)]
         assert consumers == [consumer_of("redis-restart")]
@@ -458,3 +480,50 @@ def test_a_password_in_the_url_works_and_is_never_shown(
             )
         finally:
             server.client.delete("/v1/functions/redis-auth")
+
+
+# -- Lambda's SQS shape ------------------------------------------------------------------
+def test_sqs_consumer_code_reads_every_field_of_an_entry(tmp_path: Path, scratch: Scratch) -> None:
+    """SQS consumer code, unmodified, on a Redis stream, with the region and account
+    the server was started with in the records' ARNs."""
+    db = scratch.db
+    stream = scratch.stream("sqs")
+    env = {"NIMBUS_REGION": "eu-central-1", "NIMBUS_ACCOUNT_ID": "111122223333"}
+    with running(tmp_path / "data", env=env) as own:
+        r = own.deploy("sqs-consumer", name="redis-sqs", triggers=[on(stream)])
+        assert r.status_code == 201, r.text
+        wait_state(own, "redis-sqs", "orders")
+        entry = publish(db, stream, {"order": 7}, k="v", blob=b"\x00\xff")
+        [seen] = wait_printed(own, "redis-sqs", "SQS", 1)
+        wait_nothing_pending(db, stream, group_of("redis-sqs"))
+    assert seen["message_id"] == entry and json.loads(seen["body"]) == {"order": 7}
+    assert seen["receipt_handle"]
+    assert seen["approximate_receive_count"] == 1
+    assert seen["sent_timestamp"] == int(entry.split("-")[0])
+    assert seen["first_receive_timestamp"] >= seen["sent_timestamp"]
+    assert seen["sender_id"] == "111122223333" and seen["message_group_id"] is None
+    assert seen["message_attributes"] == {
+        "k": {"string_value": "v", "binary_value": None, "data_type": "String"},
+        "blob": {"string_value": None, "binary_value": "00ff", "data_type": "Binary"},
+    }
+    assert seen["md5_ok"] is True
+    assert seen["event_source"] == "aws:sqs"
+    assert seen["event_source_arn"] == f"arn:aws:sqs:eu-central-1:111122223333:{stream}"
+    assert seen["aws_region"] == seen["function_region"] == "eu-central-1"
+    assert seen["queue_url"] == f"https://sqs.eu-central-1.amazonaws.com/111122223333/{stream}"
+    assert seen["nimbus"]["stream"] == stream and seen["nimbus"]["depth"] == 1
+
+
+def test_the_native_shape_is_still_there(server: NimbusServer, scratch: Scratch) -> None:
+    db = scratch.db
+    stream = scratch.stream("native")
+    scratch.deploy(server, "redis-native", on(stream, shape="native"))
+    wait_state(server, "redis-native", "orders")
+    entry = publish(db, stream, {"n": 1}, source="test")
+    [record] = wait_records(server, "redis-native", 1)
+    assert record["eventSource"] == "nimbus:redis"
+    assert record["eventSourceArn"] == "nimbus:redis:redis-native:orders"
+    assert record["messageId"] == entry and record["stream"] == stream
+    assert record["fields"] == {"body": '{"n": 1}', "source": "test"}
+    assert record["deliveryCount"] == 1 and record["nimbusDepth"] == 1
+    assert "nimbus" not in record

@@ -2,11 +2,12 @@
 retries, acknowledgement and dead-lettering.
 
 ``Dispatcher.emit`` is the ``emit`` a source runs with. Messages are grouped into
-batches (``batch_size``, or what arrived within ``batch_window``); each batch is one
-synchronous invocation through the one :class:`~nimbus.invoke.Invoker`, with the
-event ``{"Records": [...]}``. At most ``max_concurrency`` batches run at once; while
-they all do, ``emit`` does not return, so the source stops taking messages from the
-broker (back-pressure: nothing piles up in Nimbus).
+batches (``batch_size``, or what arrived within ``batch_window``; always one message
+with ``shape: iot``); each batch is one synchronous invocation through the one
+:class:`~nimbus.invoke.Invoker`, with the event of the trigger's shape
+(:mod:`nimbus.triggers.records`). At most ``max_concurrency`` batches run at once;
+while they all do, ``emit`` does not return, so the source stops taking messages from
+the broker (back-pressure: nothing piles up in Nimbus).
 
 Outcome of a batch:
 
@@ -24,17 +25,16 @@ Outcome of a batch:
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
-
-import orjson
+from typing import Protocol
 
 from nimbus.errors import NimbusError, ResourceNotFound, TooManyRequests
-from nimbus.models import InvokeResult
+from nimbus.models import Account, InvokeResult
+from nimbus.triggers import records
+from nimbus.triggers.records import Target
 from nimbus.triggers.sources.base import Message, Status
 from nimbus.triggers.specs import EventTrigger
 
@@ -56,21 +56,6 @@ class InvokePath(Protocol):
 DeadLetters = Callable[[str, bytes, str, int, InvokeResult | None], Awaitable[bool]]
 
 
-def record_of(message: Message, source: str, arn: str) -> dict[str, Any]:
-    """The message's ``Records`` entry: the broker's metadata plus the body as text
-    (base64, with ``bodyEncoding``, when it is not UTF-8)."""
-    record: dict[str, Any] = {"eventSource": source, "eventSourceArn": arn, **message.record}
-    if "body" not in record:
-        try:
-            record["body"] = message.body.decode("utf-8")
-        except UnicodeDecodeError:
-            record["body"] = base64.b64encode(message.body).decode("ascii")
-            record["bodyEncoding"] = "base64"
-    # What the function should put in the nimbus-depth header of what it publishes.
-    record["nimbusDepth"] = message.depth + 1
-    return record
-
-
 class Dispatcher:
     """Turns one trigger's messages into invocations of its function."""
 
@@ -83,6 +68,7 @@ class Dispatcher:
         dead_letters: DeadLetters,
         status: Status,
         *,
+        account: Account,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.function = function
@@ -92,8 +78,8 @@ class Dispatcher:
         self._dead_letters = dead_letters
         self.status = status
         self._sleep = sleep
-        self._source = f"nimbus:{spec.type}"
-        self._arn = f"nimbus:{spec.type}:{function}:{trigger}"
+        self.target = Target.of(spec, function, trigger, account)
+        self._batch_size = 1 if self.target.one_at_a_time else spec.batch_size
         self._slots = asyncio.Semaphore(spec.max_concurrency)
         self._batch: list[Message] = []
         self._window: asyncio.TimerHandle | None = None
@@ -105,7 +91,7 @@ class Dispatcher:
         """Take one message; returns when the trigger has room for the next one."""
         self.status.received += 1
         self._batch.append(message)
-        if len(self._batch) >= self.spec.batch_size or self.spec.batch_window == 0:
+        if len(self._batch) >= self._batch_size or self.spec.batch_window == 0:
             await self.flush()
         elif self._window is None:
             loop = asyncio.get_running_loop()
@@ -181,9 +167,9 @@ class Dispatcher:
             batch = [m for m in batch if m.depth < self.spec.max_depth]
             if not batch:
                 return
-        event = self._event(batch)
         attempts = 0
         while True:
+            event = self._event(batch, attempts + 1)
             try:
                 result = await self._invoker.invoke(self.function, event)
             except TooManyRequests:
@@ -212,8 +198,8 @@ class Dispatcher:
             wait = min(MAX_RETRY_WAIT, self.spec.retry_backoff * 2 ** (attempts - 1))
             await self._sleep(wait)
 
-    def _event(self, batch: list[Message]) -> bytes:
-        return orjson.dumps({"Records": [record_of(m, self._source, self._arn) for m in batch]})
+    def _event(self, batch: list[Message], attempt: int = 1) -> bytes:
+        return records.event(self.target, batch, attempt)
 
     async def _succeed(self, batch: list[Message], result: InvokeResult) -> None:
         if len(batch) == 1 and batch[0].reply is not None:

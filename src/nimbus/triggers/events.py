@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from nimbus.errors import ResourceNotFound
-from nimbus.models import Version
+from nimbus.models import Account, Version
 from nimbus.triggers.dispatch import DeadLetters, Dispatcher, InvokePath
 from nimbus.triggers.runner import FunctionSource
 from nimbus.triggers.sources.base import Source, Status
@@ -112,11 +112,14 @@ class EventTriggers:
         invoker: InvokePath,
         dead_letters: DeadLetters,
         *,
+        account: Account,
         urls: Mapping[str, str | None] | None = None,
         grace: float = 10.0,
         factory: SourceFactory = load_source,
     ) -> None:
         self._functions = functions
+        #: The region and account the records name (SQS and S3 ARNs, ``awsRegion``).
+        self._account = account
         self._invoker = invoker
         self._dead_letters = dead_letters
         self._urls = {**DEFAULT_URLS, **{k: v for k, v in (urls or {}).items() if v}}
@@ -160,7 +163,15 @@ class EventTriggers:
         status = Status()
         url = getattr(spec, "url", None) or self._urls.get(spec.type)
         context = TriggerContext(function, trigger, url, status)
-        dispatcher = Dispatcher(function, trigger, spec, self._invoker, self._dead_letters, status)
+        dispatcher = Dispatcher(
+            function,
+            trigger,
+            spec,
+            self._invoker,
+            self._dead_letters,
+            status,
+            account=self._account,
+        )
         source = self._factory(spec, context)
         task = asyncio.get_running_loop().create_task(
             _run(source, dispatcher, status), name=f"trigger {function}/{trigger}"

@@ -1,7 +1,8 @@
 """Message and file triggers as written in ``nimbus.yaml`` (``triggers: [{type: nats, …}]``).
 
 One pydantic model per source type, all sharing how messages become invocations
-(:class:`Delivery`: batching, concurrency, retries, recursion depth). Validated
+(:class:`Delivery`: batching, concurrency, retries, recursion depth, the records'
+``shape``). Validated
 once, at deploy or ``POST …/triggers``, with messages a person understands; the
 running side (:mod:`nimbus.triggers.events`) only ever sees valid specs.
 
@@ -12,13 +13,22 @@ the spec, which only the server reads, and every view of a trigger (API,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from nimbus.errors import InvalidParameterValue
 
@@ -30,6 +40,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: Where a watched directory may be mounted in the sandbox.
 MOUNT_RE = re.compile(r"^/mnt/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 NATS_SUBJECT_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+|\.\*|\.>)*$|^(\*|>)(\.[^\s.]+)*$")
+#: What an invocation's event looks like: the Lambda event of the trigger's kind
+#: (``sqs`` for queues and streams, ``s3`` for files, ``iot`` for MQTT), or Nimbus's own.
+Shape = Literal["sqs", "s3", "iot", "native"]
+SHAPE_MEANINGS: dict[Shape, str] = {
+    "sqs": "Lambda's SQS records",
+    "s3": "S3 event notification records",
+    "iot": "the message itself, as an AWS IoT rule passes it",
+    "native": "Nimbus's own records",
+}
 
 
 class Delivery(BaseModel):
@@ -51,12 +70,38 @@ class Delivery(BaseModel):
     #: Recursive loop guard: a message this deep in a chain of triggered invocations
     #: (the ``nimbus-depth`` header) is not delivered but dead-lettered.
     max_depth: int = Field(default=16, ge=1, le=1000)
+    #: The event's shape (default: the Lambda one of the trigger's type, see ``SHAPES``).
+    shape: Shape = "native"
+
+    #: The shapes a trigger of this type can have; the first is its default.
+    SHAPES: ClassVar[tuple[Shape, ...]] = ("native",)
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
         if v is not None and not NAME_RE.fullmatch(v):
             raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("shape") is None:
+            return {**data, "shape": cls.default_shape(data)}
+        return data
+
+    @classmethod
+    def default_shape(cls, data: dict[str, Any]) -> Shape:
+        """The shape of a trigger that does not name one."""
+        return cls.SHAPES[0]
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _shape(cls, v: Any) -> Any:
+        if v not in cls.SHAPES:
+            kind = cls.model_fields["type"].default
+            choices = " or ".join(f"{s} ({SHAPE_MEANINGS[s]})" for s in cls.SHAPES)
+            raise ValueError(f"for a {kind} trigger, must be {choices}")
         return v
 
 
@@ -97,6 +142,7 @@ class NatsTrigger(Delivery):
     """
 
     type: Literal["nats"] = "nats"
+    SHAPES: ClassVar[tuple[Shape, ...]] = ("sqs", "native")
     url: str | None = None
     subject: str
     stream: str | None = None
@@ -154,6 +200,7 @@ class RedisTrigger(Delivery):
     """A Redis stream read by a consumer group (XREADGROUP/XACK; XAUTOCLAIM for the dead)."""
 
     type: Literal["redis"] = "redis"
+    SHAPES: ClassVar[tuple[Shape, ...]] = ("sqs", "native")
     url: str | None = None
     stream: str = Field(min_length=1, max_length=256)
     #: The consumer group (default ``nimbus-<function>-<trigger>``), created at ``$``
@@ -184,12 +231,43 @@ class MqttTrigger(Delivery):
     keeps messages while Nimbus is away, and each is acknowledged after success."""
 
     type: Literal["mqtt"] = "mqtt"
+    SHAPES: ClassVar[tuple[Shape, ...]] = ("iot", "native")
     url: str | None = None
     topic: str = Field(min_length=1, max_length=65535)
     qos: Literal[0, 1] = 1
     #: The session's client id (default ``nimbus-<function>-<trigger>``).
     client_id: str | None = None
     dead_letter_topic: str | None = None
+    #: ``shape: iot``: add the message's topic to the event under this name, as the IoT
+    #: rule ``SELECT *, topic() AS <topic_field>`` does (default: the payload as is).
+    topic_field: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @classmethod
+    def default_shape(cls, data: dict[str, Any]) -> Shape:
+        # An IoT rule invokes once per message: a trigger that asks for batches (as
+        # triggers did before there were shapes) keeps Nimbus's records.
+        try:
+            batched = int(data.get("batch_size", 1)) > 1
+        except (TypeError, ValueError):
+            batched = False  # the field's own validation says why
+        return "native" if batched else "iot"
+
+    @field_validator("shape")
+    @classmethod
+    def _one_at_a_time(cls, v: Shape, info: ValidationInfo) -> Shape:
+        if v == "iot" and (info.data.get("batch_size") or 1) > 1:
+            raise ValueError(
+                "iot needs batch_size 1: an AWS IoT rule invokes the function once per "
+                "message (use shape native to get batches of records)"
+            )
+        return v
+
+    @field_validator("topic_field")
+    @classmethod
+    def _topic_field(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("shape") != "iot":
+            raise ValueError("only applies to shape iot (a native record has the topic)")
+        return v
 
     @field_validator("url")
     @classmethod
@@ -213,6 +291,7 @@ class AmqpTrigger(Delivery):
     rejected to its dead-letter exchange after the last retry."""
 
     type: Literal["amqp"] = "amqp"
+    SHAPES: ClassVar[tuple[Shape, ...]] = ("sqs", "native")
     url: str | None = None
     queue: str = Field(min_length=1, max_length=255)
     #: Declare the queue (durable) if it does not exist; else it must exist.
@@ -235,7 +314,10 @@ class FilesTrigger(Delivery):
     """Changes in a directory on the node (watchfiles: inotify)."""
 
     type: Literal["files"] = "files"
+    SHAPES: ClassVar[tuple[Shape, ...]] = ("s3", "native")
     path: str
+    #: The bucket S3-shaped records name (default: made from the directory's name).
+    bucket: str = Field(default="", validate_default=True)
     #: Glob patterns matched against the path relative to ``path`` (``*.csv``, ``in/**``).
     patterns: tuple[str, ...] = ("*",)
     events: tuple[FileEvent, ...] = FILE_EVENTS
@@ -253,6 +335,22 @@ class FilesTrigger(Delivery):
             raise ValueError("must be an absolute directory path")
         return os.path.normpath(v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_bucket(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("bucket") is None:
+            path = data.get("path")
+            return {**data, "bucket": default_bucket(path if isinstance(path, str) else "")}
+        return data
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        problem = bucket_problem(v)
+        if problem is not None:
+            raise ValueError(f"{v!r} is not an S3 bucket name: {problem}")
+        return v
+
     @field_validator("mount")
     @classmethod
     def _mount(cls, v: str | None) -> str | None:
@@ -266,6 +364,49 @@ class FilesTrigger(Delivery):
         if not v:
             raise ValueError(f"must name at least one of {', '.join(FILE_EVENTS)}")
         return v
+
+
+#: S3's rules for general purpose bucket names (besides the length and the characters).
+_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def bucket_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid S3 bucket name, or None."""
+    if not 3 <= len(name) <= 63:
+        return "it must be 3-63 characters long"
+    if not _BUCKET_RE.fullmatch(name):
+        return (
+            "only lowercase letters, digits, '.' and '-', beginning and ending with a "
+            "letter or digit"
+        )
+    if ".." in name:
+        return "two periods cannot be next to each other"
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        pass
+    else:
+        return "it cannot look like an IP address"
+    for prefix in _BUCKET_PREFIXES:
+        if name.startswith(prefix):
+            return f"it cannot begin with {prefix!r}"
+    for suffix in _BUCKET_SUFFIXES:
+        if name.endswith(suffix):
+            return f"it cannot end with {suffix!r}"
+    return None
+
+
+def default_bucket(path: str) -> str:
+    """A valid bucket name made from a directory's name (``/srv/Inbox_2`` → ``inbox-2``)."""
+    name = os.path.basename(os.path.normpath(path)).lower() if path else ""
+    name = re.sub(r"[^a-z0-9.-]+", "-", name)
+    name = re.sub(r"\.{2,}", ".", re.sub(r"-{2,}", "-", name)).strip(".-")[:63].strip(".-")
+    for candidate in (name, f"nimbus-{name}"[:63].strip(".-")):
+        if bucket_problem(candidate) is None:
+            return candidate
+    return "nimbus-files"
 
 
 EventTrigger = NatsTrigger | RedisTrigger | MqttTrigger | AmqpTrigger | FilesTrigger

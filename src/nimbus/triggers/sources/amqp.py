@@ -18,6 +18,16 @@ After the last retry a message is rejected without requeue when the trigger name
 ``dead_letter_exchange`` (the broker routes it there, with its ``x-death`` history);
 otherwise Nimbus's dead-letter destination takes it and it is acked. A message with
 ``reply_to`` gets the function's result published back (RPC over RabbitMQ).
+
+**Records.** A message's id is its ``message_id`` property, else a fresh one (a
+delivery tag is only unique on its channel). Its SQS attributes: the queue (of its
+ARN), the delivery count (a quorum queue's ``x-delivery-count`` plus one, else 2 when
+``redelivered``, else 1), its ``timestamp`` property, its ``user_id`` (which RabbitMQ
+checks against the connection's user) as ``SenderId``, and its headers as message
+attributes (numbers ``Number``, bytes ``Binary``, tables and arrays as JSON text).
+The broker metadata (a native record, or ``nimbus`` in an SQS one): ``deliveryTag``,
+``exchange``, ``routingKey``, ``redelivered``, ``queue``, ``contentType``,
+``correlationId``, ``headers`` (as text) and ``timestamp``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -54,9 +65,11 @@ from pamqp.common import FieldTable
 
 from nimbus.triggers.sources.base import (
     DEPTH_HEADER,
+    AttributeValue,
     ConfigurationError,
     Emit,
     Message,
+    Queued,
     depth_of,
     describe_error,
     keep_connected,
@@ -228,7 +241,6 @@ class AmqpSource:
         headers = dict(incoming.headers or {})
         tag = incoming.delivery_tag or 0
         record: dict[str, Any] = {
-            "messageId": incoming.message_id or str(tag),
             "deliveryTag": tag,
             "exchange": incoming.exchange or "",
             "routingKey": incoming.routing_key or "",
@@ -239,9 +251,18 @@ class AmqpSource:
             "headers": {str(k): _text(v) for k, v in headers.items()},
             "timestamp": _iso(incoming.timestamp),
         }
+        origin = Queued(
+            queue=self.spec.queue,
+            delivery_count=delivery_count(headers, bool(incoming.redelivered)),
+            sent_at=_epoch(incoming.timestamp),
+            sender=incoming.user_id or None,
+            attributes=attributes_of(headers),
+        )
         native = self.spec.dead_letter_exchange is not None
         return Message(
             body=incoming.body,
+            id=incoming.message_id or uuid.uuid4().hex,
+            origin=origin,
             record=record,
             ack=self._settle(incoming, "ack", incoming.ack),
             dead_letter=(
@@ -362,11 +383,46 @@ def _iso(value: Any) -> str | None:
     return None
 
 
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+def delivery_count(headers: dict[str, Any], redelivered: bool) -> int:
+    """How many times the broker has delivered the message, this time included."""
+    previous = headers.get("x-delivery-count")
+    if isinstance(previous, int) and not isinstance(previous, bool) and previous >= 0:
+        return previous + 1
+    return 2 if redelivered else 1
+
+
+def attributes_of(headers: dict[str, Any]) -> dict[str, AttributeValue]:
+    """AMQP headers as message attributes: numbers stay numbers, bytes bytes, a
+    boolean is ``true``/``false``, anything else text (tables and arrays as JSON);
+    a header without a value has no attribute."""
+    out: dict[str, AttributeValue] = {}
+    for name, value in headers.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out[str(name)] = "true" if value else "false"
+        elif isinstance(value, bytes | bytearray):  # a byte array, or a non-UTF-8 string
+            out[str(name)] = bytes(value)
+        elif isinstance(value, int | float | Decimal):
+            out[str(name)] = value
+        else:
+            out[str(name)] = _text(value)
+    return out
+
+
 def _text(value: Any) -> str:
     """A header value as text (nested tables, like ``x-death``, as JSON)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, bytes):
+    if isinstance(value, bytes | bytearray):
         return value.decode("utf-8", "replace")
     if isinstance(value, dict | list | tuple):
         return orjson.dumps(_plain(value)).decode()
@@ -378,7 +434,7 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if isinstance(value, bytes):
+    if isinstance(value, bytes | bytearray):
         return value.decode("utf-8", "replace")
     if isinstance(value, datetime):
         return _iso(value)

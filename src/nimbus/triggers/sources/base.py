@@ -21,8 +21,10 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal, Protocol
 
 log = logging.getLogger("nimbus.triggers")
@@ -37,15 +39,80 @@ async def _nothing() -> None:
     return None
 
 
+#: A broker header or field as a message attribute: text (``String``), a number
+#: (``Number``) or bytes (``Binary``), as SQS types them.
+AttributeValue = str | int | float | Decimal | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """What a queue-like broker (Redis Streams, NATS, AMQP) says of a message: what its
+    SQS-shaped record is made of."""
+
+    kind: Literal["queued"] = field(default="queued", init=False)
+    #: The queue, stream or subject the message came from (the record's ARN names it).
+    queue: str = ""
+    #: The broker's own count of deliveries of this message: 1 the first time.
+    delivery_count: int = 1
+    #: When it was sent, epoch seconds, where the broker says (else: when it was received).
+    sent_at: float | None = None
+    #: Who sent it, where the broker vouches for it (AMQP's ``user_id``).
+    sender: str | None = None
+    #: Headers or fields, as the message's attributes.
+    attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """An MQTT message: its topic (what an AWS IoT rule's ``topic()`` gives)."""
+
+    kind: Literal["published"] = field(default="published", init=False)
+    topic: str = ""
+
+
+FileChangeKind = Literal["created", "modified", "deleted", "moved"]
+
+
+@dataclass(frozen=True, slots=True)
+class FileChange:
+    """A settled change of one file in a watched directory."""
+
+    kind: Literal["file"] = field(default="file", init=False)
+    change: FileChangeKind = "created"
+    #: The path on the node, and relative to the watched directory.
+    path: str = ""
+    key: str = ""
+    #: The path inside the function's sandbox, when the trigger mounts the directory.
+    local_path: str | None = None
+    #: Size and modification time (epoch seconds); None for a deleted file.
+    size: int | None = None
+    mtime: float | None = None
+    #: Identifies this version of the file (changes when the file does); None when deleted.
+    etag: str | None = None
+    #: When the change happened: the mtime of a written file, else when it was seen.
+    at: float = 0.0
+    #: A move: where the file was.
+    old_path: str | None = None
+    old_key: str | None = None
+
+
+Origin = Queued | Published | FileChange
+
+
 @dataclass(slots=True)
 class Message:
-    """One message from a broker (or one file event), ready to become a ``Records`` entry."""
+    """One message from a broker (or one file event), ready to become an invocation's event."""
 
     #: The payload, as the broker gave it.
     body: bytes
-    #: The broker's metadata, merged into the message's ``Records`` entry (ids, subject,
-    #: topic, delivery tag, headers, delivery count...).
-    record: dict[str, Any]
+    #: The message's id: its record's ``messageId`` (an S3 record's ``sequencer``), what a
+    #: partial batch response's ``itemIdentifier`` names.
+    id: str
+    #: What the broker says of it, typed: the Lambda-shaped records are made from this.
+    origin: Origin
+    #: The broker's own metadata (subject, stream, delivery tag, headers as given,
+    #: delivery count...): merged into a ``native`` record, under ``nimbus`` in the others.
+    record: dict[str, Any] = field(default_factory=dict)
     #: Acknowledge: the broker may forget the message.
     ack: Callable[[], Awaitable[None]] = _nothing
     #: Hand the message to the broker's own dead-letter mechanism (then it is settled);
@@ -55,6 +122,11 @@ class Message:
     reply: Callable[[bytes], Awaitable[None]] | None = None
     #: How many triggered invocations led to this message (the ``nimbus-depth`` header).
     depth: int = 0
+    #: When Nimbus took this delivery of it, epoch seconds.
+    received_at: float = field(default_factory=time.time)
+    #: This delivery (receipt handles are made from it): new each time the broker
+    #: hands the message over, even when its id is the same.
+    delivery: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 Emit = Callable[[Message], Awaitable[None]]

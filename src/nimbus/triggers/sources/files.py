@@ -7,19 +7,24 @@ deleted is nothing). watchfiles reports a rename as a deletion and a creation; a
 pair whose inode matches is turned back into one *moved* event (the source keeps
 the inode of every file it has seen for that).
 
-The event names the file on the node (``path``), relative to the watched directory
-(``key``), and inside the function's sandbox (``localPath``, when the trigger
-mounts the directory), with its size and mtime. There is no broker: an event that
-fails every retry goes to the function's dead-letter destination.
+Each event is a :class:`~nimbus.triggers.sources.base.FileChange`: the file on the
+node (``path``), relative to the watched directory (``key``), and inside the
+function's sandbox (``local_path``, when the trigger mounts the directory), with its
+size, mtime and an ``etag`` that changes whenever the file does (a hash of its
+device, inode, size and mtime in nanoseconds: not of its content, which is never
+read). The message's id is an S3-like ``sequencer``: hex, increasing. There is no
+broker: an event that fails every retry goes to the function's dead-letter
+destination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
+import itertools
 import os
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from watchfiles import Change, awatch
@@ -27,6 +32,8 @@ from watchfiles import Change, awatch
 from nimbus.triggers.sources.base import (
     ConfigurationError,
     Emit,
+    FileChange,
+    FileChangeKind,
     Message,
     keep_connected,
 )
@@ -36,6 +43,12 @@ from nimbus.triggers.specs import FilesTrigger
 IDLE_WAKE_MS = 250
 #: How long the watcher groups raw changes, ms (a path's own quiet time is ``debounce``).
 WATCH_STEP_MS = 50
+
+
+def etag_of(st: os.stat_result) -> str:
+    """32 hex digits naming this version of a file: its device, inode, size and mtime."""
+    version = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+    return hashlib.blake2b(version, digest_size=16).hexdigest()
 
 
 def fold(before: str | None, change: Change) -> str | None:
@@ -54,6 +67,7 @@ class FilesSource:
         self.root = spec.path
         #: path → (inode, size, mtime) of every file seen: to recognise moves.
         self.known: dict[str, tuple[int, int, float]] = {}
+        self._sequence = itertools.count()
 
     async def run(self, emit: Emit) -> None:
         what = f"{self.context.trigger} of {self.context.function}"
@@ -147,7 +161,7 @@ class FilesSource:
             for p, kind in folded.items()
             if kind == "deleted" and p in self.known
         }
-        events: list[tuple[str, str, str | None, os.stat_result | None]] = []
+        events: list[tuple[FileChangeKind, str, str | None, os.stat_result | None]] = []
         moved_from: set[str] = set()
         stats: dict[str, os.stat_result | None] = {}
         for path, kind in folded.items():
@@ -161,7 +175,7 @@ class FilesSource:
                 moved_from.add(old)
                 events.append(("moved", path, old, st))
             else:
-                events.append((kind, path, None, st))
+                events.append(("created" if kind == "created" else "modified", path, None, st))
         for path, kind in folded.items():
             if kind == "deleted" and path not in moved_from:
                 events.append(("deleted", path, None, None))
@@ -173,14 +187,24 @@ class FilesSource:
             if kind in self.spec.events and (self._matches(path) or (old and self._matches(old)))
         ]
 
-    def _message(self, kind: str, path: str, old: str | None, st: os.stat_result | None) -> Message:
-        file: dict[str, Any] = {"path": path, "key": os.path.relpath(path, self.root)}
-        if self.spec.mount:
-            file["localPath"] = os.path.join(self.spec.mount, file["key"])
-        if st is not None:
-            file["size"] = st.st_size
-            file["mtime"] = datetime.fromtimestamp(st.st_mtime, UTC).isoformat()
-        record: dict[str, Any] = {"eventName": kind, "file": file, "body": ""}
-        if old is not None:
-            record["oldFile"] = {"path": old, "key": os.path.relpath(old, self.root)}
-        return Message(body=b"", record=record)
+    def _message(
+        self, kind: FileChangeKind, path: str, old: str | None, st: os.stat_result | None
+    ) -> Message:
+        key = os.path.relpath(path, self.root)
+        now = time.time()
+        change = FileChange(
+            change=kind,
+            path=path,
+            key=key,
+            local_path=os.path.join(self.spec.mount, key) if self.spec.mount else None,
+            size=st.st_size if st is not None else None,
+            mtime=st.st_mtime if st is not None else None,
+            etag=etag_of(st) if st is not None else None,
+            # A write ended at the file's mtime; a deletion or a move is seen now.
+            at=st.st_mtime if st is not None and kind in ("created", "modified") else now,
+            old_path=old,
+            old_key=os.path.relpath(old, self.root) if old is not None else None,
+        )
+        # Like S3's sequencer: hex, increasing with each event of the trigger.
+        sequencer = f"{time.time_ns():016X}{next(self._sequence) % 0x10000:04X}"
+        return Message(body=b"", id=sequencer, origin=change)

@@ -27,6 +27,13 @@ turns on paho's ``manual_ack`` and keeps the flag. Acknowledgements are sent in 
 order functions finish, not the order messages came; MQTT asks for the latter, but
 brokers (Mosquitto, EMQX, HiveMQ) count acknowledgements per packet id, and waiting
 for the oldest would let one slow message hold up every other.
+
+**Records.** With ``shape: iot`` the event is the payload itself (see
+:mod:`nimbus.triggers.records`); the topic is the one thing an IoT rule could add.
+A native record has the broker metadata: ``messageId`` (the packet id of a QoS 1
+message, which MQTT reuses once acked; a fresh id for QoS 0), ``topic``, ``qos``,
+``retain``, ``duplicate``, ``headers`` (user properties), and ``contentType``,
+``responseTopic`` and ``correlationData`` when present.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from nimbus.triggers.sources.base import (
     ConfigurationError,
     Emit,
     Message,
+    Published,
     depth_of,
     describe_error,
     keep_connected,
@@ -287,9 +295,9 @@ class MqttSource:
     def _message(self, client: _Client, received: _Received, unsettled: _Unsettled) -> Message:
         properties = received.properties
         user = _user_properties(properties)
+        # A QoS 0 message has no packet id; a QoS 1 one's is reused once acked.
+        message_id = str(received.mid) if received.qos else uuid.uuid4().hex
         record: dict[str, Any] = {
-            # A QoS 0 message has no packet id; a QoS 1 one's is reused once acked.
-            "messageId": str(received.mid) if received.qos else uuid.uuid4().hex,
             "topic": received.topic.value,
             "qos": received.qos,
             "retain": bool(received.retain),
@@ -304,7 +312,13 @@ class MqttSource:
         if correlation:
             record["correlationData"] = bytes(correlation).decode("utf-8", "replace")
         payload = received.payload if isinstance(received.payload, bytes) else b""
-        message = Message(body=payload, record=record, depth=depth_of(user.get(DEPTH_HEADER)))
+        message = Message(
+            body=payload,
+            id=message_id,
+            origin=Published(topic=received.topic.value),
+            record=record,
+            depth=depth_of(user.get(DEPTH_HEADER)),
+        )
 
         async def ack() -> None:
             try:
@@ -314,7 +328,7 @@ class MqttSource:
                         "the broker sends it again",
                         self.context.trigger,
                         self.context.function,
-                        record["messageId"],
+                        message_id,
                     )
             finally:
                 unsettled.discard(message)

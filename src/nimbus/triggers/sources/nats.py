@@ -39,6 +39,16 @@ before a reconnection is still settled after it. When the trigger stops, the
 connection stays open up to :data:`LINGER` seconds for the invocations still
 running to ack; what is unsettled then is handed back (``-NAK``) for redelivery.
 The URL is only ever shown redacted.
+
+**Records.** A JetStream message's id is its stream sequence; its SQS attributes are
+the stream (the queue of its ARN), JetStream's ``num_delivered``, the time the
+stream stored it, and its headers as message attributes. A core message's id is its
+``Nats-Msg-Id`` header, else a fresh one; its queue is the trigger's subject (with
+``.`` as ``-`` and wildcards as words: ``orders.>`` is ``orders-all``). The broker
+metadata (a native record, or ``nimbus`` in an SQS one): ``subject``, ``stream``,
+``consumer``, ``streamSequence``, ``consumerSequence``, ``deliveryCount``,
+``redelivered``, ``timestamp`` and ``headers``; for core NATS ``subject``, ``queue``,
+``request`` and ``headers``.
 """
 
 from __future__ import annotations
@@ -71,6 +81,7 @@ from nimbus.triggers.sources.base import (
     ConfigurationError,
     Emit,
     Message,
+    Queued,
     depth_of,
     describe_error,
     keep_connected,
@@ -270,7 +281,6 @@ class NatsSource:
         headers = dict(msg.headers or {})
         token = self._hold(msg.reply)
         record = {
-            "messageId": str(meta.sequence.stream),
             "subject": msg.subject,
             "stream": meta.stream,
             "consumer": meta.consumer,
@@ -281,7 +291,14 @@ class NatsSource:
             "timestamp": meta.timestamp.isoformat(),
             "headers": headers,
         }
-        return token, self._message(token, msg, headers, record)
+        origin = Queued(
+            queue=meta.stream,
+            delivery_count=meta.num_delivered,
+            sent_at=meta.timestamp.timestamp(),
+            attributes=headers,
+        )
+        message_id = str(meta.sequence.stream)
+        return token, self._message(token, msg, message_id, origin, record)
 
     async def _keep_held(self) -> None:
         """Tell JetStream the held messages are still being worked on (``+WPI`` resets
@@ -317,27 +334,30 @@ class NatsSource:
         headers = dict(msg.headers or {})
         token = self._hold(None)
         record = {
-            "messageId": _header(headers, "nats-msg-id") or uuid.uuid4().hex,
             "subject": msg.subject,
             "queue": self.queue,
             "request": bool(msg.reply),
             "headers": headers,
         }
-        message = self._message(token, msg, headers, record)
+        message_id = _header(headers, "nats-msg-id") or uuid.uuid4().hex
+        origin = Queued(queue=self.spec.subject, attributes=headers)
+        message = self._message(token, msg, message_id, origin, record)
         if msg.reply:
             message.reply = functools.partial(self._publish, msg.reply)
         return token, message
 
     # -- messages ------------------------------------------------------------------------
     def _message(
-        self, token: int, msg: Msg, headers: dict[str, str], record: dict[str, Any]
+        self, token: int, msg: Msg, message_id: str, origin: Queued, record: dict[str, Any]
     ) -> Message:
-        depth = depth_of(_header(headers, DEPTH_HEADER))
+        depth = depth_of(_header(record["headers"], DEPTH_HEADER))
         dead_letter = None
         if self.spec.dead_letter_subject:
             dead_letter = functools.partial(self._dead_letter, token, msg, depth)
         return Message(
             body=msg.data,
+            id=message_id,
+            origin=origin,
             record=record,
             ack=functools.partial(self._settle, token, Msg.Ack.Ack),
             dead_letter=dead_letter,

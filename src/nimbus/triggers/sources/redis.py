@@ -24,11 +24,15 @@ until it is acknowledged; that list is what makes delivery at least once:
 * A read asks for no more entries than the trigger has room for (``max_concurrency`` times
   ``batch_size``, less those in flight), so the rest stay in Redis, undelivered.
 
-A record carries the entry id (``messageId``), ``stream``, ``group``, ``consumer``,
-``deliveryCount`` (Redis's count: 1 for a new entry) and ``fields`` (every field, as
-text; a value that is not UTF-8 is base64 and its name is in ``binaryFields``). The
-body is the field ``body`` as is, else the JSON of all the fields; ``nimbus-depth``
-is the recursion depth. With ``dead_letter_stream``, an entry that failed every retry
+Each entry becomes a message whose id is the entry id. Its SQS attributes: the
+stream (the queue of its ARN), Redis's delivery count (1 for a new entry), the time
+in the entry id (``SentTimestamp``) and every field except ``body`` as a message
+attribute (a value that is not UTF-8 is ``Binary``). Its broker metadata (a native
+record, or ``nimbus`` in an SQS one): ``stream``, ``group``, ``consumer``,
+``deliveryCount``, ``fields`` (every field, as text; a value that is not UTF-8 is
+base64 and its name is in ``binaryFields``). The body is the field ``body`` as is,
+else the JSON of all the fields; ``nimbus-depth`` is the recursion depth. With
+``dead_letter_stream``, an entry that failed every retry
 is XADDed there (its fields plus ``nimbus-*`` fields saying where it came from) and
 XACKed in one MULTI/EXEC; without it, Nimbus's dead-letter destination takes it.
 """
@@ -60,9 +64,11 @@ from redis.exceptions import (
 
 from nimbus.triggers.sources.base import (
     DEPTH_HEADER,
+    AttributeValue,
     ConfigurationError,
     Emit,
     Message,
+    Queued,
     depth_of,
     describe_error,
     keep_connected,
@@ -112,6 +118,26 @@ def decode_fields(fields: Fields) -> tuple[dict[str, str], list[str]]:
             text[name] = base64.b64encode(value).decode("ascii")
             binary.append(name)
     return text, binary
+
+
+def attributes_of(fields: Fields) -> dict[str, AttributeValue]:
+    """The entry's fields but the body, as message attributes: text where it is UTF-8,
+    else bytes."""
+    out: dict[str, AttributeValue] = {}
+    for raw_name, value in fields.items():
+        if raw_name == BODY_FIELD:
+            continue
+        try:
+            out[raw_name.decode("utf-8", "replace")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            out[raw_name.decode("utf-8", "replace")] = bytes(value)
+    return out
+
+
+def sent_at(entry_id: str) -> float | None:
+    """The time an entry id carries (``<ms>-<seq>``), epoch seconds."""
+    millis, _, _ = entry_id.partition("-")
+    return int(millis) / 1000 if millis.isdigit() else None
 
 
 def _check_cancelled() -> None:
@@ -371,7 +397,6 @@ class RedisSource:
     def _message(self, entry_id: str, fields: Fields, delivery_count: int) -> Message:
         text, binary = decode_fields(fields)
         record: dict[str, Any] = {
-            "messageId": entry_id,
             "stream": self.spec.stream,
             "group": self.group,
             "consumer": self.consumer,
@@ -389,8 +414,16 @@ class RedisSource:
         async def dead_letter() -> None:
             await self._settle(entry_id, lambda: self._dead_letter(entry_id, fields, record))
 
+        origin = Queued(
+            queue=self.spec.stream,
+            delivery_count=delivery_count,
+            sent_at=sent_at(entry_id),
+            attributes=attributes_of(fields),
+        )
         return Message(
             body=body,
+            id=entry_id,
+            origin=origin,
             record=record,
             ack=ack,
             dead_letter=dead_letter if self.spec.dead_letter_stream else None,
