@@ -251,9 +251,6 @@ class Client:
                 if response.status_code >= 400:
                     response.read()
                     _raise_for_error(response, self.url)
-                if "application/x-ndjson" not in response.headers.get("content-type", ""):
-                    response.read()  # a server that does not stream: its plain answer
-                    return self._json(response)
                 for line in response.iter_lines():
                     if not line.strip():
                         continue
