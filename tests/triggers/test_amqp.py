@@ -45,6 +45,7 @@ from tests.triggers.support import (
     bodies,
     deploy_sink,
     env_url,
+    printed,
     records,
     trigger,
     wait_for,
@@ -746,3 +747,55 @@ def test_sqs_consumer_code_reads_every_field_of_a_message(
     assert seen["aws_region"] == seen["function_region"] == "us-east-1"
     assert seen["queue_url"] == f"https://sqs.us-east-1.amazonaws.com/000000000000/{queue}"
     assert seen["nimbus"]["queue"] == queue and seen["nimbus"]["routingKey"] == queue
+
+
+def test_a_partial_batch_response_retries_and_dead_letters_only_the_failed_messages(
+    server: NimbusServer, private: Broker, rabbit_node: PrivateRabbit
+) -> None:
+    queue, dead = private.queue("partial"), private.queue("partial-dead")
+    dlx = private.exchange("partial-dlx", ExchangeType.FANOUT)
+
+    async def bind(channel: AbstractChannel) -> None:
+        declared = await channel.declare_queue(dead, durable=True)
+        await declared.bind(dlx)
+
+    private.run(bind)
+    consume(
+        server,
+        private,
+        "amqp-partial",
+        queue,
+        batch_size=3,
+        batch_window=3,
+        max_retries=1,
+        retry_backoff=5,
+        dead_letter_exchange=dlx,
+        function_spec={"fixture": "sqs-consumer"},
+    )
+    for message_id, body in (("ok-1", {"n": 1}), ("doomed", {"fail": True}), ("ok-2", {"n": 3})):
+        private.publish(queue, body, message_id=message_id)
+    # The two that succeeded are acked at once; the broker still has the failed one
+    # out, unacknowledged, while it waits for its retry.
+    wait_printed(server, "amqp-partial", "SQS", 3)
+    wait_for(
+        "only the failed message unacknowledged",
+        lambda: rabbit_node.queue(queue) == {"ready": 0, "unacked": 1, "consumers": 1},
+        server=server,
+    )
+    assert len(printed(server, "amqp-partial", "SQS")) == 3  # its retry has not run yet
+    message = wait_for("the dead-lettered message", lambda: private.get(dead), server=server)
+    assert message.message_id == "doomed" and json.loads(message.body) == {"fail": True}
+    wait_for(
+        "every message settled",
+        lambda: rabbit_node.queue(queue) == {"ready": 0, "unacked": 0, "consumers": 1},
+    )
+    seen = wait_printed(server, "amqp-partial", "SQS", 4)
+    assert [s["batch"] for s in seen] == [["ok-1", "doomed", "ok-2"]] * 3 + [["doomed"]]
+    tries = [s["approximate_receive_count"] for s in seen if s["message_id"] == "doomed"]
+    assert tries == [1, 2]
+    assert private.get(dead) is None  # only the failed one was dead-lettered
+    status = wait_for(
+        "the dead letter counted",
+        lambda: (s := trigger(server, "amqp-partial", "q")["status"])["dead_lettered"] and s,
+    )
+    assert (status["succeeded"], status["retried"], status["dead_lettered"]) == (2, 1, 1)

@@ -34,6 +34,7 @@ from tests.triggers.support import (
     bodies,
     deploy_sink,
     env_url,
+    printed,
     private_broker,
     records,
     trigger,
@@ -674,6 +675,62 @@ def test_sqs_consumer_code_reads_every_field_of_a_jetstream_message(case: Case) 
     assert seen["aws_region"] == seen["function_region"] == "us-east-1"
     assert seen["queue_url"] == f"https://sqs.us-east-1.amazonaws.com/000000000000/{stream}"
     assert seen["nimbus"]["subject"] == subject and seen["nimbus"]["stream"] == stream
+
+
+def test_a_partial_batch_response_retries_and_dead_letters_only_the_failed_messages(
+    case: Case,
+) -> None:
+    fn, subject, stream = case.name("partial"), case.subject("work"), case.stream("work")
+    dead, dead_stream = case.subject("work-dead"), f"D{case.uid}"
+    case.nats.add_stream(stream, [subject])
+    case.nats.add_stream(dead_stream, [dead])
+    # In the stream before the consumer exists: the first fetch takes all three.
+    ok_1 = case.nats.store(subject, {"n": 1})
+    doomed = case.nats.store(subject, {"n": 2, "fail": True})
+    ok_2 = case.nats.store(subject, {"n": 3})
+    case.deploy(
+        fn,
+        {
+            "type": "nats",
+            "name": "work",
+            "subject": subject,
+            "stream": stream,
+            "batch_size": 3,
+            "batch_window": 2,
+            "max_retries": 1,
+            "retry_backoff": 3,
+            "dead_letter_subject": dead,
+        },
+        fixture="sqs-consumer",
+    )
+    consumer = consumer_of(fn, "work")
+    # The two that succeeded are acked at once; the failed one is held, alone.
+    wait_for(
+        "only the failed message unacknowledged",
+        lambda: (
+            len(printed(case.server, fn, "SQS")) == 3
+            and case.nats.consumer(stream, consumer).num_ack_pending == 1
+        ),
+        server=case.server,
+    )
+    [letter] = wait_for(
+        "the dead letter", lambda: case.nats.stream_messages(dead_stream), server=case.server
+    )
+    assert json.loads(letter.data) == {"n": 2, "fail": True}
+    info = wait_for(
+        "everything settled",
+        lambda: (c := case.nats.consumer(stream, consumer)).num_ack_pending == 0 and c,
+    )
+    assert info.num_pending == 0 and info.num_redelivered == 0
+    ids = [str(ok_1), str(doomed), str(ok_2)]
+    seen = wait_printed(case.server, fn, "SQS", 4)
+    assert [s["batch"] for s in seen] == [ids] * 3 + [[str(doomed)]]
+    tries = [s["approximate_receive_count"] for s in seen if s["message_id"] == str(doomed)]
+    assert tries == [1, 2]  # JetStream's one delivery, plus Nimbus's one retry
+    status = wait_for(
+        "the dead letter counted", lambda: (s := case.status(fn, "work"))["dead_lettered"] and s
+    )
+    assert (status["succeeded"], status["retried"], status["dead_lettered"]) == (2, 1, 1)
 
 
 def test_core_nats_requests_are_answered_with_sqs_shaped_records(case: Case) -> None:

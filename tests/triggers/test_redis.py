@@ -514,6 +514,61 @@ def test_sqs_consumer_code_reads_every_field_of_an_entry(tmp_path: Path, scratch
     assert seen["nimbus"]["stream"] == stream and seen["nimbus"]["depth"] == 1
 
 
+def test_a_partial_batch_response_retries_and_dead_letters_only_the_failed_entries(
+    server: NimbusServer, scratch: Scratch
+) -> None:
+    db = scratch.db
+    stream, dead = scratch.stream("partial"), scratch.stream("partial-dlq")
+    group = group_of("redis-partial")
+    spec = on(
+        stream,
+        batch_size=3,
+        batch_window=2,
+        max_retries=1,
+        retry_backoff=3,
+        dead_letter_stream=dead,
+    )
+    r = server.deploy("sqs-consumer", name="redis-partial", triggers=[spec])
+    assert r.status_code == 201, r.text
+    scratch.functions.append((server, "redis-partial"))
+    wait_state(server, "redis-partial", "orders")
+    with db.pipeline(transaction=True) as pipe:  # all three at once: one batch
+        for body in ({"n": 1}, {"n": 2, "fail": True}, {"n": 3}):
+            pipe.xadd(stream, {"body": json.dumps(body)})
+        ok_1, doomed, ok_2 = (i.decode() for i in pipe.execute())
+
+    # The two that succeeded are acked at once; the failed one stays pending, alone,
+    # while it waits for its retry.
+    wait_for(
+        "only the failed entry pending",
+        lambda: (
+            [p["message_id"].decode() for p in db.xpending_range(stream, group, "-", "+", 10)]
+            == [doomed]
+        ),
+        server=server,
+    )
+    wait_for("the dead letter", lambda: db.xlen(dead) == 1, server=server)
+    [(_, fields)] = db.xrange(dead)
+    assert json.loads(fields[b"body"]) == {"n": 2, "fail": True}
+    assert fields[b"nimbus-source-id"].decode() == doomed
+    wait_nothing_pending(db, stream, group)
+
+    seen = wait_printed(server, "redis-partial", "SQS", 4)
+    assert [s["batch"] for s in seen] == [[ok_1, doomed, ok_2]] * 3 + [[doomed]]
+    assert [s["message_id"] for s in seen].count(ok_1) == 1
+    assert [s["message_id"] for s in seen].count(ok_2) == 1
+    tries = [s["approximate_receive_count"] for s in seen if s["message_id"] == doomed]
+    assert tries == [1, 2]  # Redis's one delivery, plus Nimbus's one retry
+    receipts = {s["receipt_handle"] for s in seen if s["message_id"] == doomed}
+    assert len(receipts) == 2
+    status = wait_for(
+        "the dead letter counted",
+        lambda: (s := trigger(server, "redis-partial", "orders")["status"])["dead_lettered"] and s,
+    )
+    assert status["succeeded"] == 2 and status["retried"] == 1
+    assert status["failed"] == 1 and status["dead_lettered"] == 1
+
+
 def test_the_native_shape_is_still_there(server: NimbusServer, scratch: Scratch) -> None:
     db = scratch.db
     stream = scratch.stream("native")

@@ -1,6 +1,7 @@
 """The trigger dispatcher with a scripted invoker: batching, back-pressure, retries,
 acks, dead-letters (native and Nimbus's), throttling, request-reply, the recursion
-guard; the records of every shape (sqs, s3, iot, native); and the trigger specs'
+guard and partial batch responses; the records of every shape (sqs, s3, iot, native);
+the pure partial-batch decision under each of Lambda's rules; and the trigger specs'
 validation. The brokers themselves are tested in tests/triggers."""
 
 from __future__ import annotations
@@ -652,6 +653,169 @@ def test_an_iot_event_of_anything_but_a_json_object_is_base64_data(payload: byte
     assert got["t"] == "sensors/1/temp"
 
 
+# -- the partial batch decision -----------------------------------------------------------
+IDS = frozenset({"a", "b", "c"})
+
+
+def failures(*items: Any) -> bytes:
+    return json.dumps({"batchItemFailures": list(items)}).encode()
+
+
+@pytest.mark.parametrize(
+    ("result", "kind", "failed"),
+    [
+        # Lambda: all succeeded
+        (failures(), "succeeded", set()),
+        (b'{"batchItemFailures": null}', "succeeded", set()),
+        (b"null", "succeeded", set()),
+        (b"", "succeeded", set()),
+        (b"{}", "succeeded", set()),
+        # Nimbus: a result that is not a batch response is not one
+        (b'{"ok": true}', "succeeded", set()),
+        (b'"done"', "succeeded", set()),
+        (b"[1, 2]", "succeeded", set()),
+        # the named ones failed
+        (failures({"itemIdentifier": "b"}), "partial", {"b"}),
+        (failures({"itemIdentifier": "a"}, {"itemIdentifier": "c"}), "partial", {"a", "c"}),
+        (failures({"itemIdentifier": "b"}, {"itemIdentifier": "b"}), "partial", {"b"}),
+        # Lambda: the whole batch failed
+        (failures({"itemIdentifier": ""}), "failed", set()),
+        (failures({"itemIdentifier": None}), "failed", set()),
+        (failures({"itemidentifier": "a"}), "failed", set()),
+        (failures({}), "failed", set()),
+        (failures("a"), "failed", set()),
+        (failures({"itemIdentifier": "zzz"}), "failed", set()),
+        (failures({"itemIdentifier": "a"}, {"itemIdentifier": "zzz"}), "failed", set()),
+        (failures({"itemIdentifier": 1}), "failed", set()),
+        (b'{"batchItemFailures": "a"}', "failed", set()),
+        (b'{"batchItemFailures": {"itemIdentifier": "a"}}', "failed", set()),
+    ],
+)
+def test_partial_batch_responses_follow_lambdas_rules(
+    result: bytes, kind: str, failed: set[str]
+) -> None:
+    from nimbus.triggers.outcome import judge
+
+    outcome = judge(None, result, IDS, report=True)
+    assert (outcome.kind, set(outcome.failed_ids)) == (kind, failed), outcome
+    if kind == "failed":
+        assert outcome.reason
+
+
+def test_a_function_error_fails_the_whole_batch_whatever_it_returned() -> None:
+    from nimbus.triggers.outcome import judge
+
+    outcome = judge("Unhandled", failures({"itemIdentifier": "a"}), IDS, report=True)
+    assert outcome.kind == "failed" and outcome.failed_ids == frozenset()
+
+
+def test_without_report_batch_item_failures_the_result_is_ignored() -> None:
+    from nimbus.triggers.outcome import judge
+
+    assert judge(None, failures({"itemIdentifier": "a"}), IDS, report=False).kind == "succeeded"
+    assert judge(None, failures({"itemIdentifier": "zzz"}), IDS, report=False).kind == ("succeeded")
+
+
+# -- partial batch responses in the dispatcher ---------------------------------------------
+def fail_these(*ids: str) -> Callable[[dict[str, Any]], Any]:
+    """A function result naming the records with these ids (that are in its event)."""
+
+    def result(event: dict[str, Any]) -> Any:
+        present = [r["messageId"] for r in event["Records"] if r["messageId"] in ids]
+        return {"batchItemFailures": [{"itemIdentifier": i} for i in present]}
+
+    return result
+
+
+def test_only_the_failed_records_are_retried_then_dead_lettered_the_others_acked_once() -> None:
+    async def go() -> None:
+        inv, t = ScriptedInvoker(*[fail_these("b")] * 3), Tracked()
+        dead: list[tuple[str, str, int]] = []
+        d = dispatcher(inv, trigger(batch_size=3, batch_window=60, max_retries=2), dead)
+        for body in "abc":
+            await d.emit(t.message(body, native_dlq=body == "b"))
+        await drain(d)
+        assert [[r["messageId"] for r in e["Records"]] for e in inv.events] == [
+            ["a", "b", "c"],
+            ["b"],  # the retries carry only the failed record
+            ["b"],
+        ]
+        counts = [e["Records"][0]["attributes"]["ApproximateReceiveCount"] for e in inv.events]
+        assert counts == ["1", "2", "3"]
+        assert t.acked == ["a", "c"]  # each once, right after the first invocation
+        assert t.dead == ["b"] and dead == []
+        assert d.status.succeeded == 2 and d.status.retried == 2
+        assert d.status.failed == 1 and d.status.dead_lettered == 1
+
+    run(go)
+
+
+def test_a_record_that_succeeds_on_retry_is_acked_then() -> None:
+    async def go() -> None:
+        inv, t = ScriptedInvoker(fail_these("a", "c"), fail_these("c"), "ok"), Tracked()
+        d = dispatcher(inv, trigger(batch_size=3, batch_window=60, max_retries=5))
+        for body in "abc":
+            await d.emit(t.message(body))
+        await drain(d)
+        assert [[r["messageId"] for r in e["Records"]] for e in inv.events] == [
+            ["a", "b", "c"],
+            ["a", "c"],
+            ["c"],
+        ]
+        assert t.acked == ["b", "a", "c"] and t.dead == []
+        assert d.status.succeeded == 3 and d.status.retried == 3
+
+    run(go)
+
+
+def test_a_response_naming_no_record_of_the_batch_fails_all_of_it() -> None:
+    async def go() -> None:
+        def bad(event: dict[str, Any]) -> Any:
+            return {"batchItemFailures": [{"itemIdentifier": "not-in-the-batch"}]}
+
+        inv, t = ScriptedInvoker(bad, "ok"), Tracked()
+        d = dispatcher(inv, trigger(batch_size=2, batch_window=60, max_retries=1))
+        await d.emit(t.message("a"))
+        await d.emit(t.message("b"))
+        await drain(d)
+        assert [[r["messageId"] for r in e["Records"]] for e in inv.events] == [
+            ["a", "b"],
+            ["a", "b"],
+        ]
+        assert t.acked == ["a", "b"] and d.status.retried == 2
+
+    run(go)
+
+
+def test_with_report_batch_item_failures_off_the_response_is_ignored() -> None:
+    async def go() -> None:
+        inv, t = ScriptedInvoker(fail_these("a")), Tracked()
+        spec = trigger(batch_size=2, batch_window=60, report_batch_item_failures=False)
+        d = dispatcher(inv, spec)
+        await d.emit(t.message("a"))
+        await d.emit(t.message("b"))
+        await drain(d)
+        assert len(inv.events) == 1 and t.acked == ["a", "b"]
+
+    run(go)
+
+
+def test_partial_batch_responses_work_with_the_native_shape_too() -> None:
+    async def go() -> None:
+        inv, t = ScriptedInvoker(fail_these("a")), Tracked()
+        dead: list[tuple[str, str, int]] = []
+        d = dispatcher(
+            inv, trigger(batch_size=2, batch_window=60, max_retries=0, shape="native"), dead
+        )
+        await d.emit(t.message("a"))
+        await d.emit(t.message("b"))
+        await drain(d)
+        assert t.acked == ["b", "a"]  # b at once; a after Nimbus's dead-letter took it
+        assert dead == [("fn", "RetriesExhausted", 1)]
+
+    run(go)
+
+
 def test_an_iot_trigger_invokes_with_the_payload_and_replies_with_the_result() -> None:
     async def go() -> None:
         from nimbus.triggers.sources.base import Published
@@ -697,6 +861,7 @@ def test_an_iot_trigger_invokes_with_the_payload_and_replies_with_the_result() -
         ({"type": "files", "path": "/srv/x", "bucket": "a..b"}, "two periods"),
         ({"type": "files", "path": "/srv/x", "bucket": "10.0.0.1"}, "an IP address"),
         ({"type": "files", "path": "/srv/x", "bucket": "xn--abc"}, "cannot begin with 'xn--'"),
+        ({"type": "amqp", "queue": "q", "report_batch_item_failures": "maybe"}, "report_batch"),
     ],
 )
 def test_bad_shapes_and_buckets_are_refused_with_the_reason(
@@ -724,7 +889,7 @@ def test_bad_shapes_and_buckets_are_refused_with_the_reason(
 )
 def test_each_type_defaults_to_its_lambda_shape(raw: dict[str, Any], shape: str) -> None:
     spec = parse_event_trigger(raw)
-    assert spec.shape == shape
+    assert spec.shape == shape and spec.report_batch_item_failures is True
 
 
 @pytest.mark.parametrize(

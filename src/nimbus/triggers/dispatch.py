@@ -9,13 +9,16 @@ with ``shape: iot``); each batch is one synchronous invocation through the one
 while they all do, ``emit`` does not return, so the source stops taking messages from
 the broker (back-pressure: nothing piles up in Nimbus).
 
-Outcome of a batch:
+Outcome of a batch (:func:`~nimbus.triggers.outcome.judge` decides which records failed):
 
 * success: every message is acked (and, for request-reply, the result is the reply);
 * function error: retried ``max_retries`` times with backoff, holding the messages
   unacked; then each is dead-lettered (the broker's own mechanism where the
   trigger has one, else the function's ``async.on_failure``/``dead_letter``
   destinations with Lambda's record) and acked;
+* a partial batch response (``{"batchItemFailures": [...]}``, with
+  ``report_batch_item_failures``): the records it names are retried like that, alone,
+  and the others acked at once; one that names no record of the batch fails it all;
 * throttled (every instance busy): waited out and tried again; not a failure;
 * the function deleted, or Nimbus stopping: nothing is acked, the broker redelivers;
 * too deep a chain of triggered invocations (``nimbus-depth`` ≥ ``max_depth``):
@@ -34,6 +37,7 @@ from typing import Protocol
 from nimbus.errors import NimbusError, ResourceNotFound, TooManyRequests
 from nimbus.models import Account, InvokeResult
 from nimbus.triggers import records
+from nimbus.triggers.outcome import judge
 from nimbus.triggers.records import Target
 from nimbus.triggers.sources.base import Message, Status
 from nimbus.triggers.specs import EventTrigger
@@ -80,6 +84,7 @@ class Dispatcher:
         self._sleep = sleep
         self.target = Target.of(spec, function, trigger, account)
         self._batch_size = 1 if self.target.one_at_a_time else spec.batch_size
+        self._report = spec.report_batch_item_failures and self.target.reports_items
         self._slots = asyncio.Semaphore(spec.max_concurrency)
         self._batch: list[Message] = []
         self._window: asyncio.TimerHandle | None = None
@@ -187,11 +192,25 @@ class Dispatcher:
                 await self._dead_letter(batch, event, "InvalidRequest", attempts, None)
                 return
             attempts += 1
-            if result.error is None:
+            outcome = judge(result.error, result.body, {m.id for m in batch}, report=self._report)
+            if outcome.kind == "succeeded":
                 await self._succeed(batch, result)
                 return
+            if outcome.kind == "partial":
+                done = [m for m in batch if m.id not in outcome.failed_ids]
+                batch = [m for m in batch if m.id in outcome.failed_ids]
+                await self._ack(done)
+            elif result.error is None:  # a partial batch response that names no record
+                log.warning(
+                    "trigger %s of %s: the whole batch of %d failed: %s",
+                    self.trigger,
+                    self.function,
+                    len(batch),
+                    outcome.reason,
+                )
             if attempts > self.spec.max_retries:
                 self.status.failed += len(batch)
+                event = self._event(batch, attempts)
                 await self._dead_letter(batch, event, "RetriesExhausted", attempts, result)
                 return
             self.status.retried += len(batch)
@@ -204,6 +223,9 @@ class Dispatcher:
     async def _succeed(self, batch: list[Message], result: InvokeResult) -> None:
         if len(batch) == 1 and batch[0].reply is not None:
             await batch[0].reply(result.body)
+        await self._ack(batch)
+
+    async def _ack(self, batch: list[Message]) -> None:
         for message in batch:
             await message.ack()
         self.status.succeeded += len(batch)

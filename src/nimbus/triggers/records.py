@@ -91,6 +91,11 @@ class Target:
         """Whether each invocation gets exactly one message (an IoT rule's)."""
         return self.shape == "iot"
 
+    @property
+    def reports_items(self) -> bool:
+        """Whether the records carry ids a partial batch response can name."""
+        return self.shape != "iot"
+
 
 def event(target: Target, batch: Sequence[Message], attempt: int = 1) -> bytes:
     """The invocation's event for ``batch`` (``attempt``: 1 the first time, 2 for the

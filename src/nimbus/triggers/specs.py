@@ -2,7 +2,7 @@
 
 One pydantic model per source type, all sharing how messages become invocations
 (:class:`Delivery`: batching, concurrency, retries, recursion depth, the records'
-``shape``). Validated
+``shape`` and partial batch responses). Validated
 once, at deploy or ``POST …/triggers``, with messages a person understands; the
 running side (:mod:`nimbus.triggers.events`) only ever sees valid specs.
 
@@ -72,6 +72,9 @@ class Delivery(BaseModel):
     max_depth: int = Field(default=16, ge=1, le=1000)
     #: The event's shape (default: the Lambda one of the trigger's type, see ``SHAPES``).
     shape: Shape = "native"
+    #: Honour a result ``{"batchItemFailures": [{"itemIdentifier": id}, ...]}``: only the
+    #: records named failed (Lambda's ``ReportBatchItemFailures``).
+    report_batch_item_failures: bool = True
 
     #: The shapes a trigger of this type can have; the first is its default.
     SHAPES: ClassVar[tuple[Shape, ...]] = ("native",)
