@@ -285,3 +285,47 @@ def base_root() -> BaseRoot:
     from nimbus.server import ensure_base
 
     return ensure_base(Settings.from_env(os.environ))
+
+
+PYPI = Path(__file__).parent / "fixtures" / "pypi"
+
+
+def pypi_wheels() -> Path:
+    """A local cache of the wheels the ``pkg-*`` fixtures need (tests/fixtures/pypi),
+    downloaded from PyPI once per machine and shared by every test run and worker (a
+    file lock); servers install from it offline (``PIP_NO_INDEX``/``PIP_FIND_LINKS``)."""
+    import fcntl
+
+    pins = hashlib.sha256(
+        (PYPI / "requirements.txt").read_bytes() + (PYPI / "constraints.txt").read_bytes()
+    ).hexdigest()[:12]
+    base = Path("/var/cache/nimbus-tests") if os.geteuid() == 0 else Path.home() / ".cache"
+    cache = base / f"pypi-{pins}"
+    done = cache / ".complete"
+    if done.exists():
+        return cache
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f".pypi-{pins}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--only-binary=:all:",
+                    "--dest",
+                    str(cache),
+                    "-r",
+                    str(PYPI / "requirements.txt"),
+                ],
+                check=True,
+                timeout=900,
+            )
+            for path in [cache, *cache.iterdir()]:
+                path.chmod(0o755 if path.is_dir() else 0o644)  # builds run unprivileged
+            done.touch()
+    return cache
