@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -148,3 +149,21 @@ def test_an_init_that_leaves_threads_or_open_files_runs_without_a_zygote(
     notes = [r["message"] for r in records if "no function zygote for version 1" in r["message"]]
     assert notes and "1 thread(s) (ticker)" in notes[0] and "open file(s)" in notes[0], notes
     assert server.client.get("/v1/functions/zy-unfork").json()["zygote"]["function"] is False
+
+
+def test_an_event_loop_made_at_init_is_each_forks_own(server: NimbusServer) -> None:
+    """Mangum (and many libraries) make an asyncio loop at import: the version still
+    forks, and each instance's loop has an epoll instance and self-pipe of its own."""
+    assert server.deploy("zygote-asyncio", name="zy-loop").status_code == 201
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: server.invoke("zy-loop", {"sleep": 1.0}), range(2)))
+    results = [r.json() for r in outs]
+    assert all("self_pipe" in r for r in results), results
+    assert results[0]["self_pipe"] != results[1]["self_pipe"], results
+    assert all(r["took"] < 5 for r in results)
+    records = server.wait_logs(
+        "zy-loop", lambda rs: sum(x["message"].startswith("REPORT") for x in rs) == 2
+    )
+    reports = [x["message"] for x in records if x["message"].startswith("REPORT")]
+    assert all("Restore Duration" in r for r in reports), reports  # forks of the zygote
+    assert not any("no function zygote" in x["message"] for x in records)

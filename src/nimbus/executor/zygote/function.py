@@ -80,7 +80,7 @@ def enter_user_namespace(ctl: socket.socket, uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
-def unforkable() -> str | None:
+def unforkable(renewed: set[int] | frozenset[int] = frozenset()) -> str | None:
     """Why this function zygote, its init done, must not be forked; None if it can be.
 
     A fork copies one thread and every descriptor: threads the init started would be
@@ -93,8 +93,9 @@ def unforkable() -> str | None:
     files = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd <= 4:
-            continue  # ours: /dev/null, the output pipe, our socket, the control socket
+        if fd <= 4 or fd in renewed:
+            continue  # ours (/dev/null, the output pipe, our socket, the control socket),
+            # or what each fork renews (the init's event loops)
         try:
             files.append(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
@@ -153,7 +154,8 @@ def _instance_parent(shell: dict[str, Any], report_fd: int, strict_bpf: bytes | 
     """C: new namespaces for an instance, fork its init, leave. Never returns."""
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        close_fds_except({report_fd})
+        # The init's event loops' descriptors stay until the instance renews them.
+        close_fds_except({report_fd} | _bootstrap().event_loop_fds())
         if shell.get("idle"):
             # Made ahead of demand: never in the way of a cold start in progress (the
             # runtime zygote, root, gives the instance its normal priority back on go).
@@ -231,7 +233,7 @@ def _wait_for_go(report: socket.socket) -> None:
         if not data or len(fds) != 2:
             os._exit(0)  # retired unused, or the runtime zygote is gone
         report.close()
-        standard_fds(fds[0], fds[1])
+        standard_fds(fds[0], fds[1], keep=bootstrap.event_loop_fds())
         random.seed()  # a fork shares the zygote's random state: never reuse it
         return 3, private_spec(bootstrap)
 

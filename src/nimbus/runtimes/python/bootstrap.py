@@ -110,7 +110,7 @@ def serve(
     *,
     init_only: bool = False,
     connect: Callable[[], tuple[int, bytes]] | None = None,
-    forkable: Callable[[], str | None] | None = None,
+    forkable: Callable[[set[int]], str | None] | None = None,
 ) -> bool:
     """Initialise the handler and serve invocations on socket ``fd`` until it closes.
 
@@ -120,9 +120,11 @@ def serve(
     logging the init configured) as the init left them; they only run SnapStart's
     after-restore hooks. With ``connect`` (an instance made ahead of demand),
     everything up to the init is done first; ``connect()`` then waits for the
-    instance's socket and token (``fd`` and ``token`` are not used). ``forkable()``,
+    instance's socket and token (``fd`` and ``token`` are not used). ``forkable(fds)``,
     after a successful init, says why the process must not be forked (an
-    ``INIT_ERROR`` of type ``Nimbus.Unforkable`` then carries the reason), or None.
+    ``INIT_ERROR`` of type ``Nimbus.Unforkable`` then carries the reason), or None;
+    ``fds`` are descriptors the shim renews in each fork itself (the init's asyncio event
+    loops: see :func:`_track_event_loops`).
     """
     import array
     import fcntl
@@ -137,10 +139,21 @@ def serve(
     if not restored:
         started = time.perf_counter()
         _prepare(os.environ)
-        _READY["handler"], _READY["failed"] = _load(os.environ["_HANDLER"])
+        untrack = _track_event_loops() if init_only else None
+        try:
+            _READY["handler"], _READY["failed"] = _load(os.environ["_HANDLER"])
+        finally:
+            if untrack is not None:
+                untrack()
         if _READY["failed"] is None and init_only:
             # SnapStart: the before-snapshot hooks run before the zygote is forked from.
             _READY["failed"] = _hooks("before")
+            # What the init allocated stays put: forks share its pages, and their collector
+            # never walks (and so never writes to, and copies) them.
+            import gc
+
+            gc.collect()
+            gc.freeze()
         init_s = time.perf_counter() - started
     fn, failed = _READY["handler"], _READY["failed"]
     env = os.environ
@@ -148,8 +161,10 @@ def serve(
     if connect is not None:
         fd, token = connect()
     if restored:
-        # A fork of an initialised function zygote: only the after-restore hooks run.
+        # A fork of an initialised function zygote: its own event loops' descriptors, then
+        # the after-restore hooks.
         started = time.perf_counter()
+        _renew_event_loops()
         if failed is None:
             failed = _hooks("after")
         init_s = time.perf_counter() - started
@@ -184,7 +199,7 @@ def serve(
         return int(data[at + 6 : data.index(b"kB", at)]) if at >= 0 else 0
 
     if failed is None and forkable is not None:
-        reason = forkable()
+        reason = forkable(event_loop_fds())
         if reason is not None:
             failed = _error(UNFORKABLE, reason)
 
@@ -329,6 +344,62 @@ def _load(spec: str) -> tuple[Callable[..., Any] | None, dict[str, Any] | None]:
             f"Handler '{function_name}' on module '{module_name}' is not callable",
         )
     return fn, None
+
+
+def _track_event_loops() -> Callable[[], None]:
+    """While a function zygote's init runs, remember every asyncio event loop it makes
+    (Mangum makes one at import, as many libraries do): a fork must not share a loop's
+    epoll instance and self-pipe with its siblings, so each fork renews them
+    (:func:`_renew_event_loops`). Returns the function that stops tracking."""
+    import asyncio.selector_events
+    import weakref
+
+    loops = _READY.setdefault("loops", weakref.WeakSet())
+    cls = asyncio.selector_events.BaseSelectorEventLoop
+    original = cls.__init__
+
+    def init(self: Any, selector: Any = None) -> None:
+        original(self, selector)
+        loops.add(self)
+
+    cls.__init__ = init  # type: ignore[method-assign]
+
+    def untrack() -> None:
+        cls.__init__ = original  # type: ignore[method-assign]
+
+    return untrack
+
+
+def _idle_loops() -> list[Any]:
+    """The init's event loops that hold nothing but their own descriptors."""
+    return [
+        loop
+        for loop in _READY.get("loops", ())
+        if not loop.is_closed() and not loop.is_running() and len(loop._selector.get_map()) <= 1
+    ]
+
+
+def event_loop_fds() -> set[int]:
+    """The descriptors of the init's idle event loops (a fork renews them)."""
+    fds = set()
+    for loop in _idle_loops():
+        fds |= {loop._selector.fileno(), loop._ssock.fileno(), loop._csock.fileno()}
+    return fds
+
+
+def _renew_event_loops() -> None:
+    """In a fork: each idle loop of the init gets an epoll instance and a self-pipe of its
+    own (the inherited ones are the zygote's, shared by every sibling)."""
+    import selectors
+
+    for loop in _idle_loops():
+        old = loop._selector
+        loop._selector = selectors.DefaultSelector()
+        old.close()  # this process's descriptor only: the zygote keeps its own
+        loop._ssock.close()
+        loop._csock.close()
+        loop._internal_fds -= 1
+        loop._make_self_pipe()
 
 
 def _hooks(when: str) -> dict[str, Any] | None:
