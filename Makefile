@@ -39,13 +39,14 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## make bench: warm and cold invoke vs peers, async enqueue and throughput, message
-## triggers (NATS, Redis); see docs/benchmarks.md
+## triggers (NATS, Redis), the base root and a FastAPI init; see docs/benchmarks.md
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[bench]'
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/async_bench.py
 	$(BIN)/python bench/trigger_bench.py
+	$(BIN)/python bench/environment_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

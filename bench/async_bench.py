@@ -106,8 +106,9 @@ def wrk(url: str, script: Path, conns: int, seconds: int) -> dict[str, Any]:
 
 
 class Server:
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, *args: str) -> None:
         self.data = data
+        self.args = args
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = data.parent / "nimbus-async-bench.log"
@@ -120,6 +121,7 @@ class Server:
             [
                 *(sys.executable, "-m", "nimbus", "up"),
                 *("--host", HOST, "--port", str(self.port), "--data-dir", str(self.data)),
+                *self.args,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
