@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from async_bench import Server, log
+from async_bench import Server
 from nimbus.executor.sandbox.baseroot import Recipe, default_suite, ensure_base_root
 
 BENCH = Path(__file__).resolve().parent
@@ -46,6 +46,10 @@ EXPECT = '{"hello":"world"}'
 IMPORT = "import time; t = time.perf_counter(); import fastapi, pydantic, mangum; " + (
     "print((time.perf_counter() - t) * 1000)"
 )
+
+
+def log(msg: str) -> None:
+    print(f"[environment-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def seq(url: str, n: int, pause: float) -> dict[str, Any]:

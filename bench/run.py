@@ -670,9 +670,11 @@ class Nimbus:
 
 
 def init_durations(reports: list[str]) -> list[float]:
+    """The start of each cold REPORT: its ``Init Duration`` (an instance that ran its own
+    init), or its ``Restore Duration`` (a fork of an initialised function zygote)."""
     out = []
     for line in reports:
-        m = re.search(r"Init Duration: ([\d.]+) ms", line)
+        m = re.search(r"(?:Init|Restore) Duration: ([\d.]+) ms", line)
         if m:
             out.append(float(m.group(1)))
     return out
@@ -1142,10 +1144,12 @@ def report(info: dict[str, str], nb: dict[str, Any]) -> str:
         "",
         "Latency is client-side (bench/seqclient.py, another process), connect to last byte, "
         "through the gateway. With `keep_warm: 0` the instance stops when its invocation "
-        "ends, so every request starts an instance process; the REPORT column checks that.",
+        "ends, so every request starts an instance process; the REPORT column checks that "
+        "(a fork of the function zygote reports a `Restore Duration`, an instance that "
+        "imports its handler itself an `Init Duration`).",
         "",
         "| function | ok | p50 ms | p90 ms | p99 ms | min ms | max ms "
-        "| REPORTs with Init Duration | Init Duration p50 ms (server) |",
+        "| REPORTs of a cold start | Init or Restore Duration p50 ms (server) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows: list[tuple[str, Seq, str | None]] = [

@@ -56,6 +56,7 @@ class Nimbus:
         self.settings = settings
         data = settings.data_dir
         runtimes = available_runtimes()
+        account = Account(settings.region, settings.account_id)
         if isolation is None:
             isolation = build_isolation(settings)
         launcher = isolation.launcher
@@ -78,7 +79,7 @@ class Nimbus:
             self.logs.emit,
             max_log_bytes=settings.max_log_bytes_per_invocation,
             max_result=settings.max_sync_payload,
-            account=Account(settings.region, settings.account_id),
+            account=account,
         )
         self.scheduler = Scheduler(
             self.executor,
@@ -119,14 +120,17 @@ class Nimbus:
             retention=settings.async_retention,
             queue_timeout=settings.queue_timeout,
             grace=settings.shutdown_grace,
+            account=account,
         )
         self.async_gateway = AsyncGateway(self.async_invoker)
-        self.schedules = ScheduleRunner(self.functions, self.async_invoker, self.store)
+        self.schedules = ScheduleRunner(
+            self.functions, self.async_invoker, self.store, account=account
+        )
         self.events = EventTriggers(
             self.functions,
             self.invoker,
             self.async_invoker.dead_letter_event,
-            account=Account(settings.region, settings.account_id),
+            account=account,
             urls={
                 "nats": settings.nats_url,
                 "redis": settings.redis_url,

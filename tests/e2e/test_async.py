@@ -261,7 +261,7 @@ def test_dead_letter_to_a_function_and_an_http_receiver(
     assert record["version"] == "1.0"
     assert record["requestContext"] == {
         "requestId": invocation_id,
-        "functionArn": "arn:aws:lambda:nimbus:000000000000:function:async-doomed",
+        "functionArn": "arn:aws:lambda:us-east-1:000000000000:function:async-doomed",
         "condition": "RetriesExhausted",
         "approximateInvokeCount": 2,
     }

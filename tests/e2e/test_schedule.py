@@ -256,7 +256,7 @@ def test_a_schedule_fires_through_the_async_path(server: NimbusServer) -> None:
         assert event["source"] == "aws.events"
         assert event["detail"] == {"job": "tick", "n": 1}
         assert event["resources"] == [
-            "arn:aws:events:nimbus:000000000000:rule/sched-fire-schedule-0"
+            "arn:aws:events:us-east-1:000000000000:rule/sched-fire-schedule-0"
         ]
     # One a second, on the second it was due.
     times = sorted(e["time"] for e in events)

@@ -215,7 +215,7 @@ def test_destination_record_shapes() -> None:
         "timestamp": "2026-11-18T11:06:40.500Z",
         "requestContext": {
             "requestId": "inv-1",
-            "functionArn": "arn:aws:lambda:nimbus:000000000000:function:f",
+            "functionArn": "arn:aws:lambda:us-east-1:000000000000:function:f",
             "condition": "Success",
             "approximateInvokeCount": 1,
         },
@@ -494,7 +494,7 @@ def test_retries_exhausted_dead_letters_to_every_destination() -> None:
         record = orjson.loads(sunk.result or b"")
         assert record["requestContext"] == {
             "requestId": inv.id,
-            "functionArn": "arn:aws:lambda:nimbus:000000000000:function:f",
+            "functionArn": "arn:aws:lambda:us-east-1:000000000000:function:f",
             "condition": "RetriesExhausted",
             "approximateInvokeCount": 2,
         }

@@ -229,8 +229,8 @@ def test_the_event_and_the_submission() -> None:
             "source": "aws.events",
             "account": "000000000000",
             "time": "2026-01-05T00:05:00Z",
-            "region": "nimbus",
-            "resources": ["arn:aws:events:nimbus:000000000000:rule/f-tick"],
+            "region": "us-east-1",
+            "resources": ["arn:aws:events:us-east-1:000000000000:rule/f-tick"],
             "detail": {"job": "report", "n": [1, 2]},
         }
 

@@ -591,8 +591,8 @@ def test_scheduled_event_shape() -> None:
         "source": "aws.events",
         "account": "000000000000",
         "time": "2026-05-01T09:00:00Z",
-        "region": "nimbus",
-        "resources": ["arn:aws:events:nimbus:000000000000:rule/reports-nightly"],
+        "region": "us-east-1",
+        "resources": ["arn:aws:events:us-east-1:000000000000:rule/reports-nightly"],
         "detail": {"job": "report"},
     }
     event["detail"]["job"] = "changed"

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from nimbus.errors import InvalidParameterValue
-from nimbus.models import AsyncSpec, FunctionSpec
+from nimbus.models import Account, AsyncSpec, FunctionSpec
 from nimbus.queue import Invocation, backoff
 from nimbus.queue.base import LEASE_EXPIRED, SUCCEEDED
 
@@ -42,9 +42,6 @@ Condition = Literal["Success", "RetriesExhausted", "EventAgeExceeded"]
 
 #: Leases are this many times the function's timeout (plus the scheduler's queue wait).
 LEASE_FACTOR = 6
-#: The account in function ARNs (Lambda's shape, no AWS account behind it).
-ACCOUNT = "000000000000"
-
 
 # ------------------------------------------------------------------------- decisions
 
@@ -131,8 +128,8 @@ def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def function_arn(name: str) -> str:
-    return f"arn:aws:lambda:nimbus:{ACCOUNT}:function:{name}"
+def function_arn(name: str, account: Account | None = None) -> str:
+    return (account or Account()).function_arn(name)
 
 
 def json_value(data: bytes | None) -> Any:
@@ -164,6 +161,7 @@ def destination_record(
     version: int | None,
     outcome: str | None,
     response: bytes | None,
+    account: Account | None = None,
 ) -> dict[str, Any]:
     """Lambda's destination record for an invocation that finished.
 
@@ -176,7 +174,7 @@ def destination_record(
         "timestamp": iso_time(now),
         "requestContext": {
             "requestId": invocation.id,
-            "functionArn": function_arn(invocation.function),
+            "functionArn": function_arn(invocation.function, account),
             "condition": condition,
             "approximateInvokeCount": invoke_count,
         },
@@ -205,6 +203,7 @@ def trigger_failure_record(
     invoke_count: int,
     version: int | None,
     response: bytes | None,
+    account: Account | None = None,
 ) -> dict[str, Any]:
     """Lambda's failure record for messages of an event trigger that were given up
     (``RetriesExhausted``, ``RecursiveInvocationDetected``, ...), as an event source
@@ -214,7 +213,7 @@ def trigger_failure_record(
         "timestamp": iso_time(now),
         "requestContext": {
             "requestId": request_id,
-            "functionArn": function_arn(function),
+            "functionArn": function_arn(function, account),
             "condition": condition,
             "approximateInvokeCount": invoke_count,
         },

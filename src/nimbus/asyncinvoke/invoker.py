@@ -40,7 +40,7 @@ from nimbus.asyncinvoke.decisions import (
 )
 from nimbus.asyncinvoke.delivery import Deliveries, Poster
 from nimbus.errors import NimbusError, RequestTooLarge, ResourceNotFound, TooManyRequests
-from nimbus.models import FunctionRecord, InvokeResult, Version
+from nimbus.models import Account, FunctionRecord, InvokeResult, Version
 from nimbus.queue import Invocation, Lease, Queue, Status
 from nimbus.queue.base import SUCCEEDED
 
@@ -111,7 +111,9 @@ class AsyncInvoker:
         clock: Callable[[], float] = time.time,
         post: Poster | None = None,
         rand: Callable[[], float] = random.random,
+        account: Account | None = None,
     ) -> None:
+        self._account = account or Account()
         self.queue = queue
         self._functions = functions
         self._invoker = invoker
@@ -510,6 +512,7 @@ class AsyncInvoker:
                 version=version.number,
                 outcome=SUCCEEDED,
                 response=body,
+                account=self._account,
             )
             await self._to_function(target, record, invocation, "on_success")
         final = await self.queue.succeed(lease, body, now=self._clock())
@@ -564,6 +567,7 @@ class AsyncInvoker:
                 invoke_count=max(0, count),
                 version=version.number,
                 outcome=response_outcome,
+                account=self._account,
                 response=response,
             )
             for kind, target in targets:
@@ -641,6 +645,7 @@ class AsyncInvoker:
             invoke_count=attempts,
             version=version.number,
             response=result.body if result is not None else None,
+            account=self._account,
         )
         body = orjson.dumps(record)
         for kind, target in targets:

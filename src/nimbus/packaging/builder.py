@@ -197,7 +197,8 @@ class SandboxBuilder:
         jail = Path(NIMBUS_ROOT) / "nimbus" / "executor" / "sandbox" / "jail.py"
         try:
             await _run(
-                [self.python, "-I", "-S", str(jail), NIMBUS_ROOT, json.dumps(spec)],
+                [self.python, "-I", "-S", str(jail), NIMBUS_ROOT],
+                stdin=json.dumps(spec).encode(),
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
                 cwd=work,
                 timeout=self.timeout,
@@ -256,12 +257,13 @@ async def _run(
     timeout: float,
     progress: Progress,
     kill: Callable[[], None] | None = None,
+    stdin: bytes | None = None,
 ) -> None:
-    """Run a build command, streaming its lines to ``progress``; raise
+    """Run a build command (``stdin`` its input), streaming its lines to ``progress``; raise
     DependencyInstallError with the tail of its output when it fails or times out."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=env,
@@ -270,6 +272,11 @@ async def _run(
         start_new_session=True,
     )
     tail: list[str] = []
+    if stdin is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        await proc.stdin.drain()
+        proc.stdin.close()
 
     async def read() -> None:
         assert proc.stdout is not None

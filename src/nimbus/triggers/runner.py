@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import orjson
 
 from nimbus.errors import InvalidParameterValue, NimbusError, ResourceNotFound
-from nimbus.models import FunctionRecord, TriggerState, Version
+from nimbus.models import Account, FunctionRecord, TriggerState, Version
 from nimbus.queue import Invocation, Queue
 from nimbus.store import TriggerStateStore
 from nimbus.triggers.schedule import (
@@ -127,7 +127,9 @@ class ScheduleRunner:
         clock: Callable[[], float] = time.time,
         max_sleep: float = MAX_SLEEP,
         grace: float = DEFAULT_GRACE,
+        account: Account | None = None,
     ) -> None:
+        self._account = account or Account()
         self._functions = functions
         self._invoker = async_invoker
         self._store = store
@@ -266,6 +268,7 @@ class ScheduleRunner:
                 function=function,
                 fire=fire,
                 event_id=event_id(key),
+                account=self._account,
             )
             invocation, created = await self._invoker.submit(
                 function, orjson.dumps(event), idempotency_key=key, source=source

@@ -83,6 +83,7 @@ from croniter import (  # type: ignore[import-untyped]
 )
 
 from nimbus.errors import InvalidParameterValue
+from nimbus.models import Account
 
 Overlap = Literal["allow", "forbid", "replace"]
 CatchUp = Literal["none", "once"]
@@ -98,8 +99,6 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_RATE_SECONDS = 100 * 365 * 86400
 
 EVENT_SOURCE = "aws.events"
-EVENT_ACCOUNT = "000000000000"
-EVENT_REGION = "nimbus"
 
 _FIELDS = ("type", "schedule", "timezone", "payload", "overlap", "catch_up", "name")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -602,20 +601,25 @@ def overlap_action(spec: ScheduleSpec, *, running: int) -> OverlapAction:
 
 
 def scheduled_event(
-    spec: ScheduleSpec, *, trigger_arn_name: str, function: str, fire: Fire, event_id: str
+    spec: ScheduleSpec,
+    *,
+    trigger_arn_name: str,
+    function: str,
+    fire: Fire,
+    event_id: str,
+    account: Account | None = None,
 ) -> dict[str, Any]:
     """The EventBridge "Scheduled Event" a run receives; ``time`` is the nominal fire time."""
     when = datetime.fromtimestamp(math.floor(fire.scheduled_for), UTC)
+    region, account_id = (account or Account()).region, (account or Account()).account_id
     return {
         "version": "0",
         "id": event_id,
         "detail-type": "Scheduled Event",
         "source": EVENT_SOURCE,
-        "account": EVENT_ACCOUNT,
+        "account": account_id,
         "time": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "region": EVENT_REGION,
-        "resources": [
-            f"arn:aws:events:{EVENT_REGION}:{EVENT_ACCOUNT}:rule/{function}-{trigger_arn_name}"
-        ],
+        "region": region,
+        "resources": [f"arn:aws:events:{region}:{account_id}:rule/{function}-{trigger_arn_name}"],
         "detail": copy.deepcopy(spec.payload) if spec.payload is not None else {},
     }

@@ -71,7 +71,9 @@ def mount_root(rootfs: str, base: str) -> None:
     )
 
 
-def prepare_root(*, rootfs: str, base: str, prefix: str, hidden: Sequence[str]) -> None:
+def prepare_root(
+    *, rootfs: str, base: str, prefix: str, hidden: Sequence[str], proc_options: str | None = None
+) -> None:
     """The function-independent half of the root, made in a shell before any request.
 
     In the shell's own mount namespace: the root tree mounted (:func:`mount_root`, then
@@ -100,7 +102,11 @@ def prepare_root(*, rootfs: str, base: str, prefix: str, hidden: Sequence[str]) 
     ):
         os.symlink(target, f"{dev}/{name}")
     linux.mount(
-        "proc", rootfs + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+        "proc",
+        rootfs + "/proc",
+        "proc",
+        linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+        proc_options,
     )
     linux.mount(None, rootfs, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
 

@@ -1,7 +1,7 @@
 """Run one command in a sandbox of its own: how dependency builds run.
 
-``python -I -S jail.py <nimbus root> <spec JSON>``, started by the server as root
-(see :mod:`nimbus.packaging.builder`). The spec::
+``python -I -S jail.py <nimbus root>``, the spec as JSON on stdin, started by the server
+as root (see :mod:`nimbus.packaging.builder`). The spec::
 
     {"rootfs", "base", "prefix", "hidden": [...],   the instance root (rootfs.py)
      "procs": [...],          the cgroup's cgroup.procs files, joined first
@@ -42,7 +42,10 @@ BIND_ROOTS = ("/var/task", "/var/runtime", "/mnt")
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[2])
+    spec = json.loads(sys.stdin.buffer.read())  # not argv: the build could read that
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     with open(spec["seccomp"], "rb") as f:
         spec["seccomp_bpf"] = f.read()  # read now: the host path is gone after pivot_root
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -76,8 +79,13 @@ def _init(spec: dict[str, Any]) -> None:
 def _command(spec: dict[str, Any]) -> None:
     try:
         rootfs = spec["rootfs"]
+        # hidepid: the build sees its own processes only, not pid 1 (root, this script).
         enter.prepare_root(
-            rootfs=rootfs, base=spec["base"], prefix=spec["prefix"], hidden=spec["hidden"]
+            rootfs=rootfs,
+            base=spec["base"],
+            prefix=spec["prefix"],
+            hidden=spec["hidden"],
+            proc_options="hidepid=invisible",
         )
         _binds(rootfs, spec["binds"])
         linux.mount(
