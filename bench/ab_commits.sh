@@ -60,14 +60,16 @@ echo "old: $OLD ($(git log -1 --format=%h "$OLD")), new: ${NEW:-working tree}"
 echo "## warm: wrk -t1 -c16 -d5s /function/hello (after a 3 s warm-up each)"
 for p in $P_OLD $P_NEW; do wrk -t1 -c16 -d3s "http://127.0.0.1:$p/function/hello" >/dev/null; done
 for round in 1 2 3 4; do
-  for p in $P_OLD $P_NEW; do
+  order="$P_OLD $P_NEW"; [ $((round % 2)) = 0 ] && order="$P_NEW $P_OLD"  # no order bias
+  for p in $order; do
     who=old; [ "$p" = "$P_NEW" ] && who=new
     echo "round $round $who $(wrk -t1 -c16 -d5s "http://127.0.0.1:$p/function/hello" | grep Requests/sec)"
   done
 done
 echo "## cold: bench/seqclient.py -n 50 --pause 0.05 /function/hello-cold (keep_warm 0)"
-for round in 1 2 3; do
-  for p in $P_OLD $P_NEW; do
+for round in 1 2 3 4; do
+  order="$P_OLD $P_NEW"; [ $((round % 2)) = 0 ] && order="$P_NEW $P_OLD"
+  for p in $order; do
     who=old; [ "$p" = "$P_NEW" ] && who=new
     $PY bench/seqclient.py --url "http://127.0.0.1:$p/function/hello-cold" -n 50 --pause 0.05 |
       $PY -c "import json,sys,statistics as s; d=json.load(sys.stdin); l=sorted(d['latencies_ms']); print('round $round $who p50 %.2f ms p90 %.2f ms p99 %.2f ms, unexpected %d' % (s.median(l), l[44], l[-1], d['unexpected']))"

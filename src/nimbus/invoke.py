@@ -98,4 +98,5 @@ def new_trace_id(now: float | None = None) -> str:
     """An X-Ray trace header for an invocation that came without one, as Lambda makes
     them: ``Root=1-<epoch seconds, hex>-<96 random bits>;Parent=<64>;Sampled=0``."""
     seconds = int(time.time() if now is None else now)
-    return f"Root=1-{seconds:08x}-{os.urandom(12).hex()};Parent={os.urandom(8).hex()};Sampled=0"
+    bits = os.urandom(20).hex()
+    return f"Root=1-{seconds:08x}-{bits[:24]};Parent={bits[24:]};Sampled=0"

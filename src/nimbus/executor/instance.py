@@ -147,16 +147,18 @@ class Instance:
         if start is not None:
             self._emit(request_id, start)
         timeout = spec.timeout
-        meta: dict[str, object] = {"trace": trace_id, "arn": self.arn}
-        if context is not None:
+        # The invocation before its event (see bootstrap.py): trace id, ARN, and the rest
+        # as JSON only when there is any.
+        meta = f"{trace_id}\n{self.arn}\n".encode()
+        if context is not None and (context.client_context or context.identity):
+            extra: dict[str, object] = {}
             if context.client_context is not None:
-                meta["client_context"] = context.client_context
+                extra["client_context"] = context.client_context
             if context.identity is not None:
-                meta["identity"] = context.identity
+                extra["identity"] = context.identity
+            meta += orjson.dumps(extra)
         started = time.perf_counter()
-        reply = self._channel.send(
-            INVOKE, rid_bytes, time.time() + timeout, event, orjson.dumps(meta)
-        )
+        reply = self._channel.send(INVOKE, rid_bytes, time.time() + timeout, event, meta)
         timer = loop.call_later(timeout, expire, reply)
         error: ErrorKind | None = None
         memory_kib = 0

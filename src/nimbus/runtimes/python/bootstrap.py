@@ -17,9 +17,11 @@ Wire format (both directions, on the instance's own socket)::
                                                 (a fork of an initialised function zygote;
                                                 seconds: its after-restore hooks)
     INIT_ERROR  inst → exec init duration       0               Lambda error JSON
-    INVOKE      exec → inst deadline (epoch)    length of the   invocation JSON (trace id,
-                                                invocation JSON client context, identity,
-                                                                ARN, tenant), then the event
+    INVOKE      exec → inst deadline (epoch)    length of the   the invocation: trace id, "\n",
+                                                invocation      ARN, "\n", JSON of the rest
+                                                                (client context, identity,
+                                                                tenant) or nothing; then the
+                                                                event
     RESULT      inst → exec handler duration    max RSS, KiB    result JSON
     ERROR       inst → exec handler duration    max RSS, KiB    Lambda error JSON
 
@@ -216,6 +218,8 @@ def serve(
 
     # -- invoke loop ------------------------------------------------------------
     hsize = HEADER.size
+    # What the context reads from the environment, once: it is the instance's, fixed.
+    base = tuple(env.get(k) for k in CONTEXT_ENV)
     while True:
         head = rfile.read(hsize)
         if len(head) < hsize:
@@ -225,11 +229,12 @@ def serve(
         if kind != INVOKE:
             continue
         rid = str(uuid.UUID(bytes=rid_raw))
-        meta = json.loads(body[:meta_length]) if meta_length else {}
+        head_text = body[:meta_length].decode() if meta_length else "\n\n"
+        trace, arn, extra = head_text.split("\n", 2)
+        meta = json.loads(extra) if extra else {}
         event_body = body[meta_length:]
         _CURRENT["rid"] = rid
         _CURRENT["tenant"] = meta.get("tenant")
-        trace = meta.get("trace")
         if trace:
             env["_X_AMZN_TRACE_ID"] = trace
         else:
@@ -242,8 +247,9 @@ def serve(
                 meta.get("client_context"),
                 meta.get("identity"),
                 deadline,
-                meta.get("arn", ""),
+                arn,
                 meta.get("tenant"),
+                base,
             )
             event = json.loads(event_body) if event_body else {}
             result = fn(event, context)
@@ -573,6 +579,16 @@ class JsonFormatter(logging.Formatter):
 # -- context ---------------------------------------------------------------------------
 
 
+#: What ``context`` takes from the environment, in LambdaContext's order.
+CONTEXT_ENV = (
+    "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+)
+
+
 class LambdaContext:
     """The ``context`` argument of a Lambda handler (awslambdaric's, field for field)."""
 
@@ -584,25 +600,33 @@ class LambdaContext:
         deadline: float,
         invoked_function_arn: str,
         tenant_id: str | None = None,
+        base: tuple[str | None, ...] | None = None,
     ) -> None:
-        import os
+        """``base``: the values of :data:`CONTEXT_ENV` (read from the environment when
+        not given, as awslambdaric does on every invocation)."""
+        if base is None:
+            import os
 
-        env = os.environ
+            base = tuple(os.environ.get(k) for k in CONTEXT_ENV)
         self.aws_request_id = invoke_id
-        self.log_group_name = env.get("AWS_LAMBDA_LOG_GROUP_NAME")
-        self.log_stream_name = env.get("AWS_LAMBDA_LOG_STREAM_NAME")
-        self.function_name = env.get("AWS_LAMBDA_FUNCTION_NAME")
-        self.memory_limit_in_mb = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
-        self.function_version = env.get("AWS_LAMBDA_FUNCTION_VERSION")
+        (
+            self.log_group_name,
+            self.log_stream_name,
+            self.function_name,
+            self.memory_limit_in_mb,
+            self.function_version,
+        ) = base
         self.invoked_function_arn = invoked_function_arn
         self.tenant_id = tenant_id
         self.client_context = _from_dict(ClientContext, client_context)
         if self.client_context is not None:
             self.client_context.client = _from_dict(Client, self.client_context.client)
-        self.identity = _from_dict(CognitoIdentity, {})
-        if cognito_identity is not None:
-            self.identity.cognito_identity_id = cognito_identity.get("cognitoIdentityId")
-            self.identity.cognito_identity_pool_id = cognito_identity.get("cognitoIdentityPoolId")
+        identity = self.identity = CognitoIdentity()
+        if cognito_identity is None:
+            identity.cognito_identity_id = identity.cognito_identity_pool_id = None
+        else:
+            identity.cognito_identity_id = cognito_identity.get("cognitoIdentityId")
+            identity.cognito_identity_pool_id = cognito_identity.get("cognitoIdentityPoolId")
         self._deadline = deadline
 
     def get_remaining_time_in_millis(self) -> int:
