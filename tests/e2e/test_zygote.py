@@ -167,3 +167,24 @@ def test_an_event_loop_made_at_init_is_each_forks_own(server: NimbusServer) -> N
     reports = [x["message"] for x in records if x["message"].startswith("REPORT")]
     assert all("Restore Duration" in r for r in reports), reports  # forks of the zygote
     assert not any("no function zygote" in x["message"] for x in records)
+
+
+def test_an_init_on_the_requests_path_is_its_init_duration(server: NimbusServer) -> None:
+    """No zygote kept (zygote_keep_warm 0): each first request waits for an init, and its
+    REPORT's Init Duration is that init's, the figure INIT_REPORT logs."""
+    r = server.deploy("rng", name="zy-onpath", scaling={"keep_warm": 0, "zygote_keep_warm": 0})
+    assert r.status_code == 201, r.text
+    assert server.invoke("zy-onpath").status_code == 200
+    records = server.wait_logs(
+        "zy-onpath", lambda rs: any(x["message"].startswith("REPORT") for x in rs)
+    )
+    messages = [x["message"] for x in records]
+    # The deploy's verdict ran the init once (its INIT_REPORT), the request once more.
+    inits = [m for m in messages if m.startswith("INIT_REPORT")]
+    report = next(m for m in messages if m.startswith("REPORT"))
+    assert "Restore Duration" not in report
+    init = report.split("Init Duration: ")[1].split(" ms")[0]
+    assert f"INIT_REPORT Init Duration: {init} ms\tPhase: zygote\tStatus: success" in inits, (
+        inits,
+        report,
+    )
