@@ -270,6 +270,21 @@ class NimbusServer:
             time.sleep(0.05)
 
 
+def nimbus_cli(
+    server: NimbusServer, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real ``nimbus`` command, pointed at ``server``."""
+    env = {**os.environ, "NIMBUS_URL": server.url}
+    return subprocess.run(
+        [sys.executable, "-m", "nimbus", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
 @contextlib.contextmanager
 def running(data_dir: Path, **kw: Any) -> Iterator[NimbusServer]:
     server = NimbusServer(data_dir, **kw)

@@ -11,10 +11,7 @@ tests/unit/test_asyncinvoke.py.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ import httpx
 import pytest
 
 from tests.support import NimbusServer
+from tests.support import nimbus_cli as nimbus
 
 EVENT = {"x-nimbus-invocation-type": "Event"}
 FINISHED = ("succeeded", "failed", "dead-lettered", "cancelled")
@@ -419,16 +417,6 @@ def test_a_burst_of_events_does_not_starve_sync_callers(server: NimbusServer) ->
     assert server.client.delete("/v1/functions/async-burst").status_code == 204
     assert listed(server, function="async-burst") == []
     assert server.client.get(f"/v1/invocations/{ids[-1]}").status_code == 404
-
-
-def nimbus(server: NimbusServer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nimbus", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NIMBUS_URL": server.url},
-        timeout=60,
-    )
 
 
 def test_cli(server: NimbusServer) -> None:

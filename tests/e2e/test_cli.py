@@ -10,20 +10,7 @@ import time
 from pathlib import Path
 
 from tests.support import FIXTURES, NimbusServer
-
-
-def nimbus(
-    server: NimbusServer, *args: str, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NIMBUS_URL": server.url}
-    return subprocess.run(
-        [sys.executable, "-m", "nimbus", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=120,
-    )
+from tests.support import nimbus_cli as nimbus
 
 
 def test_init_deploy_invoke_logs_list_describe_delete(server: NimbusServer, tmp_path: Path) -> None:

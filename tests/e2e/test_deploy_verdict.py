@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.support import FIXTURES, NimbusServer, zip_of
+from tests.support import nimbus_cli as nimbus
 
 
 def test_a_broken_update_is_refused_and_the_previous_version_keeps_serving(
@@ -103,17 +101,6 @@ def test_progress_streams_the_steps_and_pips_own_lines(
     ) as r:
         last = json.loads(list(r.iter_lines())[-1])
     assert last["status"] == 400 and last["error"]["code"] == "FunctionInitError"
-
-
-def nimbus(server: NimbusServer, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NIMBUS_URL": server.url}
-    return subprocess.run(
-        [sys.executable, "-m", "nimbus", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
 
 
 def test_the_cli_says_why_and_force_overrides(server: NimbusServer, tmp_path: Path) -> None:

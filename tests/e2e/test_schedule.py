@@ -9,10 +9,7 @@ tested in tests/unit/test_runner.py.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,17 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support import FIXTURES, NimbusServer, running
-
-
-def nimbus(server: NimbusServer, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NIMBUS_URL": server.url}
-    return subprocess.run(
-        [sys.executable, "-m", "nimbus", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+from tests.support import nimbus_cli as nimbus
 
 
 def invocations(server: NimbusServer, function: str) -> list[dict[str, Any]]:

@@ -135,6 +135,12 @@ def enter_root(
             target = rootfs + inside
             os.makedirs(target, exist_ok=True)
             _bind_ro(source, target)
+    pivot_into(rootfs, tmp_mb)
+
+
+def pivot_into(rootfs: str, tmp_mb: int) -> None:
+    """The last steps of every root: a private ``/tmp`` of ``tmp_mb`` MB, then
+    ``pivot_root`` into ``rootfs``, the old root detached."""
     linux.mount(
         "tmpfs",
         rootfs + "/tmp",

@@ -88,16 +88,7 @@ def _command(spec: dict[str, Any]) -> None:
             proc_options="hidepid=invisible",
         )
         _binds(rootfs, spec["binds"])
-        linux.mount(
-            "tmpfs",
-            rootfs + "/tmp",
-            "tmpfs",
-            linux.MS_NOSUID | linux.MS_NODEV,
-            f"size={spec['tmp_mb']}m,mode=1777",
-        )
-        os.chdir(rootfs)
-        linux.pivot_root(".", ".")
-        linux.umount2(".", linux.MNT_DETACH)
+        enter.pivot_into(rootfs, spec["tmp_mb"])
         os.chdir(spec.get("cwd") or "/")
         linux.sethostname(spec["hostname"])
         enter.harden(nofile=spec["nofile"])
