@@ -60,6 +60,9 @@ class Settings:
     account_id: str = "000000000000"
     #: Each function is also served at the root of ``<name>.<function_domain>``.
     function_domain: str = "localhost"
+    #: Networks and host names callbacks and URL destinations may reach besides public
+    #: addresses (comma separated), e.g. ``10.1.0.0/16, hooks.internal``.
+    outbound_allow: str = ""
     #: Instances running at once on this node, over all functions.
     max_instances: int = 256
     #: Requests that may wait for an instance, per function, before 429.

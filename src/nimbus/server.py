@@ -33,9 +33,10 @@ from nimbus.gateway import Gateway
 from nimbus.gateway.app import PREFIX, function_host
 from nimbus.gateway.asyncapp import ASYNC_PREFIX, AsyncGateway, is_event_invoke
 from nimbus.invoke import Invoker
-from nimbus.models import Account, Version
+from nimbus.models import Account, FunctionSpec, Version
 from nimbus.observability.logs import LogStore
 from nimbus.observability.metrics import Metrics
+from nimbus.outbound import OutboundPolicy, check_url
 from nimbus.packaging import CodeStore, LayerStore, package_directory
 from nimbus.packaging.builder import Builder
 from nimbus.queue import SqliteQueue
@@ -57,6 +58,7 @@ class Nimbus:
         data = settings.data_dir
         runtimes = available_runtimes()
         account = Account(settings.region, settings.account_id)
+        self.outbound = OutboundPolicy.parse(settings.outbound_allow)
         if isolation is None:
             isolation = build_isolation(settings)
         launcher = isolation.launcher
@@ -95,9 +97,7 @@ class Nimbus:
             self.logs,
             frozenset(runtimes),
             on_delete=self._on_delete,
-            check=lambda spec: check_watch_paths(
-                spec.triggers, settings.watch_roots, settings.data_dir
-            ),
+            check=self._check_spec,
             verify=self._verify,
         )
         self.metrics = Metrics(self._instance_counts)
@@ -121,6 +121,7 @@ class Nimbus:
             queue_timeout=settings.queue_timeout,
             grace=settings.shutdown_grace,
             account=account,
+            outbound=self.outbound,
         )
         self.async_gateway = AsyncGateway(self.async_invoker)
         self.schedules = ScheduleRunner(
@@ -168,6 +169,15 @@ class Nimbus:
             await self.async_gateway.invoke_event(scope, receive, send)
         else:
             await self.api(scope, receive, send)
+
+    def _check_spec(self, spec: FunctionSpec) -> None:
+        """What this node allows beyond the spec's own rules: file triggers under the
+        allowed roots, destination URLs that reach public addresses."""
+        check_watch_paths(spec.triggers, self.settings.watch_roots, self.settings.data_dir)
+        for field in ("on_success", "on_failure", "dead_letter"):
+            target = getattr(spec.async_, field)
+            if target is not None and not target.startswith("function:"):
+                check_url(target, f"async.{field}", self.outbound)
 
     async def _verify(self, version: Version) -> bytes | None:
         """A deploy's verdict: the error of the version's init, or None."""

@@ -22,6 +22,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterat
     with running(
         tmp_path_factory.mktemp("nimbus") / "data",
         env=env,
-        args=["--queue-depth", "2", "--queue-timeout", "1"],
+        # The tests' callback and destination receivers listen on loopback.
+        args=["--queue-depth", "2", "--queue-timeout", "1", "--outbound-allow", "127.0.0.1/32"],
     ) as s:
         yield s

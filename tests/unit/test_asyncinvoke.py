@@ -35,6 +35,7 @@ from nimbus.errors import (
     TooManyRequests,
 )
 from nimbus.models import AsyncSpec, FunctionRecord, InvokeResult, Version, parse_spec
+from nimbus.outbound import OutboundPolicy
 from nimbus.queue import Invocation, MemoryQueue
 
 HALF = 0.5  # rand() that makes backoff() exact: no jitter
@@ -172,8 +173,10 @@ def test_header_checks() -> None:
     for bad in ("", "x" * 257, "tab\there", "é"):
         with pytest.raises(InvalidParameterValue):
             check_idempotency_key(bad)
-    assert check_callback_url("http://127.0.0.1:9/cb") == "http://127.0.0.1:9/cb"
-    for bad in ("ftp://x/y", "/relative", "http://"):
+    assert check_callback_url("https://hooks.example.com/cb") == "https://hooks.example.com/cb"
+    loopback = OutboundPolicy.parse("127.0.0.1/32")
+    assert check_callback_url("http://127.0.0.1:9/cb", loopback) == "http://127.0.0.1:9/cb"
+    for bad in ("ftp://x/y", "/relative", "http://", "http://127.0.0.1:9/cb"):
         with pytest.raises(InvalidParameterValue):
             check_callback_url(bad)
 

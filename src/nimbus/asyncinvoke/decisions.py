@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import orjson
 
 from nimbus.errors import InvalidParameterValue
 from nimbus.models import Account, AsyncSpec, FunctionSpec
+from nimbus.outbound import OutboundPolicy, check_url
 from nimbus.queue import Invocation, backoff
 from nimbus.queue.base import LEASE_EXPIRED, SUCCEEDED
 
@@ -244,11 +244,9 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def check_callback_url(url: str | None) -> str | None:
-    """The ``X-Callback-Url`` header's value, or ``InvalidParameterValue``."""
+def check_callback_url(url: str | None, policy: OutboundPolicy | None = None) -> str | None:
+    """The ``X-Callback-Url`` header's value, or ``InvalidParameterValue``: an http(s)
+    URL that does not name a refused address (see :mod:`nimbus.outbound`)."""
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > 2048:
-        raise InvalidParameterValue(f"X-Callback-Url must be an http(s) URL (got {url[:100]!r})")
-    return url
+    return check_url(url, "X-Callback-Url", policy)

@@ -3,7 +3,9 @@
 A delivery never holds up a worker and never fails one: after
 :data:`DELIVERY_ATTEMPTS` tries (on transport errors, 429 and 5xx; a 10 s timeout
 each) it is logged and dropped. Deliveries run after the invocation's outcome is
-committed, so a crash in between loses them: at most once.
+committed, so a crash in between loses them: at most once. Each goes only to a
+public address (:mod:`nimbus.outbound`), checked when it is sent and connected to
+as checked; one that is refused is logged and not retried.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from nimbus.outbound import OutboundPolicy, OutboundRefused
 from nimbus.queue import backoff
 
 log = logging.getLogger("nimbus.async")
@@ -28,8 +32,9 @@ DELIVERY_TIMEOUT = 10.0
 class Deliveries:
     """Background POSTs. ``post`` replaces the HTTP client (tests pass a fake)."""
 
-    def __init__(self, post: Poster | None = None) -> None:
+    def __init__(self, post: Poster | None = None, policy: OutboundPolicy | None = None) -> None:
         self._post = post
+        self._policy = policy or OutboundPolicy()
         self._http: Any = None  # an httpx.AsyncClient, made by open() when no poster is given
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -74,6 +79,9 @@ class Deliveries:
         for attempt in range(1, DELIVERY_ATTEMPTS + 1):
             try:
                 status = await self._post_once(url, body, headers)
+            except OutboundRefused as e:
+                log.warning("POST %s refused: %s", url, e.message)
+                return
             except Exception as e:
                 problem = f"{type(e).__name__}: {e}"
             else:
@@ -91,5 +99,18 @@ class Deliveries:
             return await self._post(url, body, headers)
         if self._http is None:
             raise RuntimeError("deliveries are closed")
-        response = await self._http.post(url, content=body, headers=dict(headers))
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        # Connect to the address that was checked, not to whatever the name resolves to
+        # next (DNS rebinding); the name goes in Host and TLS's server name.
+        address = await self._policy.resolve(host, port)
+        netloc = f"[{address}]" if ":" in address else address
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        target = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        sent = {**headers, "host": host if parts.port is None else f"{host}:{parts.port}"}
+        response = await self._http.post(
+            target, content=body, headers=sent, extensions={"sni_hostname": host}
+        )
         return int(response.status_code)

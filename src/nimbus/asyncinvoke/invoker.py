@@ -41,6 +41,7 @@ from nimbus.asyncinvoke.decisions import (
 from nimbus.asyncinvoke.delivery import Deliveries, Poster
 from nimbus.errors import NimbusError, RequestTooLarge, ResourceNotFound, TooManyRequests
 from nimbus.models import Account, FunctionRecord, InvokeResult, Version
+from nimbus.outbound import OutboundPolicy
 from nimbus.queue import Invocation, Lease, Queue, Status
 from nimbus.queue.base import SUCCEEDED
 
@@ -112,6 +113,7 @@ class AsyncInvoker:
         post: Poster | None = None,
         rand: Callable[[], float] = random.random,
         account: Account | None = None,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         self._account = account or Account()
         self.queue = queue
@@ -126,7 +128,10 @@ class AsyncInvoker:
         self._poll_interval = poll_interval
         self._clock = clock
         self._rand = rand
-        self._deliveries = Deliveries(post)
+        #: Where callbacks and URL destinations may go (public addresses, and what the
+        #: operator allows).
+        self.outbound = outbound or OutboundPolicy()
+        self._deliveries = Deliveries(post, self.outbound)
         # Attempts running now (holding, or about to hold, an instance), per function.
         self._busy: Counter[str] = Counter()
         self._busy_total = 0

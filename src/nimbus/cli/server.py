@@ -217,6 +217,15 @@ def up(
             show_default="localhost",
         ),
     ] = None,
+    outbound_allow: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_OUTBOUND_ALLOW",
+            help="Networks and hosts callbacks and URL destinations may reach besides public "
+            "addresses (comma separated).",
+            show_default="none",
+        ),
+    ] = None,
     deploy: Annotated[
         list[Path] | None,
         typer.Option(
@@ -260,6 +269,7 @@ def up(
         region=region,
         account_id=account_id,
         function_domain=function_domain,
+        outbound_allow=outbound_allow,
     )
     from nimbus.server import serve
 

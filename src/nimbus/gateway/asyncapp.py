@@ -62,7 +62,7 @@ async def accept_event(
     """
     async_invoker.function(name)  # 404 before reading a body
     key = check_idempotency_key(headers.get("idempotency-key"))
-    callback = check_callback_url(headers.get("x-callback-url"))
+    callback = check_callback_url(headers.get("x-callback-url"), async_invoker.outbound)
     body = json_event(await read(async_invoker.max_payload))
     return await async_invoker.submit(
         name,
@@ -125,7 +125,7 @@ class AsyncGateway:
                     callback = value.decode("latin-1")
                 elif header == b"idempotency-key":
                     key = value.decode("latin-1")
-            check_callback_url(callback)
+            check_callback_url(callback, self._async.outbound)
             check_idempotency_key(key)
             body = await read_body(scope, receive, self._async.max_payload)
             event = build_event(scope, body, "/" + rest, str(rid), time.time())
