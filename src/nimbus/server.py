@@ -72,7 +72,9 @@ class Nimbus:
             max_unpacked_bytes=settings.max_unpacked_bytes,
             python=next(iter(runtimes.values())).executable,
         )
-        self.layers = LayerStore(data, isolation.builder, platform=isolation.platform)
+        self.layers = LayerStore(
+            data, isolation.builder, platform=isolation.platform, outbound=self.outbound
+        )
         self.executor = Executor(
             launcher,
             runtimes,
@@ -341,7 +343,10 @@ def build_isolation(settings: Settings) -> Isolation:
             "nofile": sandbox.nofile,
         },
     )
-    builder = SandboxBuilder(rootfs, cgroups, egress, seccomp_path, python, environ=environ)
+    allow = tuple(str(n) for n in OutboundPolicy.parse(settings.outbound_allow).networks)
+    builder = SandboxBuilder(
+        rootfs, cgroups, egress, seccomp_path, python, environ=environ, allow=allow
+    )
     return Isolation(ZygoteLauncher(zygote, sandbox), builder, base_root.digest or "base")
 
 

@@ -151,3 +151,45 @@ def test_delete_and_shutdown_remove_namespaces_and_rules(tmp_path: Path) -> None
         s.stop()
         assert not any(n.startswith(prefix) for n in os.listdir("/run/netns"))
         assert f"nimbus:{node_id(s)}" not in sh("iptables-save")
+
+
+def test_a_public_only_namespace_reaches_no_private_network(
+    tmp_path: Path, test_host: tuple[str, str, int]
+) -> None:
+    """What dependency builds get: the test host (a private address) is out of reach,
+    unless the operator allowed its network; the name servers stay reachable."""
+    import asyncio
+
+    from nimbus.executor.sandbox.network import EgressNetworks, name_servers
+
+    peer_ip, _, port = test_host
+    probe = (
+        "import socket, sys\n"
+        "try:\n"
+        "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()\n"
+        "    print('ok')\n"
+        "except OSError as e:\n"
+        "    print('error', e.errno)\n"
+    )
+
+    async def scenario() -> tuple[str, str, str]:
+        nets = EgressNetworks(secrets.token_hex(6))
+        await nets.prepare()
+        try:
+            closed = await nets.ensure("!build", public_only=True)
+            opened = await nets.ensure("!build-allowed", public_only=True, allow=("10.251.0.0/16",))
+            outs = []
+            for net in (closed, opened):
+                outs.append(sh("ip", "netns", "exec", net.name, sys.executable, "-c", probe,
+                               peer_ip, str(port)).strip())  # fmt: skip
+            rules = sh("ip", "netns", "exec", closed.name, "iptables", "-S", "OUTPUT")
+            return outs[0], outs[1], rules
+        finally:
+            await nets.close()
+
+    closed, opened, rules = asyncio.run(scenario())
+    assert closed.startswith("error"), closed
+    assert opened == "ok"
+    assert "-A OUTPUT -d 10.0.0.0/8 -j REJECT" in rules
+    for server in name_servers():
+        assert f"-A OUTPUT -d {server}/32 -p udp -m udp --dport 53 -j ACCEPT" in rules

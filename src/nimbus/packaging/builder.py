@@ -87,6 +87,7 @@ _PIP_ARGS = (
     "--disable-pip-version-check",
     "--no-input",
     "--no-cache-dir",
+    "--prefer-binary",  # a wheel, even an older one, over building an sdist
     "--progress-bar",
     "off",
 )
@@ -106,6 +107,8 @@ class SandboxBuilder:
     memory_mb: int = 3072
     environ: Mapping[str, str] = field(default_factory=dict)
     nofile: int = 4096
+    #: Private networks builds may reach anyway (the operator's --outbound-allow).
+    allow: tuple[str, ...] = ()
 
     async def install(
         self, work: Path, requirements: Path, target: Path, progress: Progress
@@ -143,7 +146,10 @@ class SandboxBuilder:
         else:
             pip_env.pop("PIP_FIND_LINKS", None)
         offline = _truthy(pip_env.get("PIP_NO_INDEX")) and not any("://" in x for x in links)
-        netns = None if offline else (await self.egress.ensure("!build")).path
+        netns = None
+        if not offline:
+            net = await self.egress.ensure("!build", public_only=True, allow=self.allow)
+            netns = net.path
 
         (work / "tmp").mkdir(exist_ok=True)
         target.mkdir(exist_ok=True)

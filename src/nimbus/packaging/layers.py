@@ -23,7 +23,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 from nimbus.errors import InvalidParameterValue
+from nimbus.outbound import OutboundPolicy, check_url
 from nimbus.packaging.builder import Builder
 from nimbus.packaging.code import check_hex, publish_tree, remove_tree
 
@@ -32,16 +35,25 @@ __all__ = ["LayerStore", "check_requirements", "has_requirements"]
 #: pip's own rule: a comment starts at a ``#`` at the start of a line or after whitespace.
 _COMMENT = re.compile(r"(^|\s+)#.*$")
 _ENV_VAR = re.compile(r"\$\{[^}]*\}")
-#: (short option, long option, why it is refused)
-_FORBIDDEN = (
-    ("-e", "--editable", "editable installs read a project from a path or VCS checkout"),
-    ("-r", "--requirement", "it includes another file, which the server would read"),
-    ("-c", "--constraint", "it includes another file, which the server would read"),
-    ("-i", "--index-url", "the package index is the server's setting"),
-    ("", "--extra-index-url", "the package index is the server's setting"),
-    ("-f", "--find-links", "where packages come from is the server's setting"),
-    ("", "--trusted-host", "it turns off TLS verification on the server"),
-)
+#: Why the options users most often copy from elsewhere are refused.
+_REFUSED = {
+    "--editable": "editable installs read a project from a path or VCS checkout",
+    "--requirement": "it includes another file, which the server would read",
+    "--constraint": "it includes another file, which the server would read",
+    "--index-url": "the package index is the server's setting",
+    "--extra-index-url": "the package index is the server's setting",
+    "--find-links": "where packages come from is the server's setting",
+    "--trusted-host": "it turns off TLS verification on the server",
+}
+_SHORT = {"-e": "--editable", "-r": "--requirement", "-c": "--constraint", "-i": "--index-url"}
+_SHORT["-f"] = "--find-links"
+#: The options a requirements.txt may have: alone on a line, the global ones (exact
+#: names: pip's abbreviations are refused, so ``--requirem`` cannot pass as something
+#: harmless); after a requirement, only ``--hash``.
+_GLOBAL = {"--pre": False, "--prefer-binary": False, "--only-binary": True, "--no-binary": True}
+_BINARY_VALUE = re.compile(r"^(:all:|:none:|[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*)$")
+_HASH = re.compile(r"^--hash[=\s]+(sha256|sha384|sha512):[0-9a-fA-F]+$")
+_VCS = ("git+", "hg+", "svn+", "bzr+")
 
 
 def _text(requirements: bytes) -> str:
@@ -82,17 +94,13 @@ def has_requirements(requirements: bytes) -> bool:
     return bool(_logical_lines(_text(requirements)))
 
 
-def _looks_local(token: str) -> bool:
-    lowered = token.lower()
-    if re.search(r"(^|[@+])\s*file:", lowered):
-        return True
-    if "://" in lowered:
-        return False
-    return lowered.startswith((".", "/", "~")) or "/" in lowered or "\\" in lowered
-
-
-def check_requirements(requirements: bytes) -> None:
-    """Refuse requirement lines that would reach outside the install job.
+def check_requirements(requirements: bytes, outbound: OutboundPolicy | None = None) -> None:
+    """Accept only what a user needs in a requirements.txt (an allowlist): PEP 508
+    requirements (``name[extras]<specifier>; marker``, ``name @ https://…``) with
+    ``--hash`` options, and alone on a line ``--pre``, ``--prefer-binary``,
+    ``--only-binary``, ``--no-binary``. Direct URLs must be http(s) to a public
+    address (see :mod:`nimbus.outbound`). Each line is parsed with ``packaging``'s own
+    parser, as pip parses it.
 
     Raises :class:`InvalidParameterValue` naming the line and the reason.
     """
@@ -107,30 +115,97 @@ def check_requirements(requirements: bytes) -> None:
                 f"{where}: ${{VARIABLE}} references are not allowed; "
                 "pip would expand them from the Nimbus server's environment"
             )
-        for token in line.split():
-            if not token.startswith("-"):
-                continue
-            for short, long, why in _FORBIDDEN:
-                is_long = token == long or token.startswith(long + "=")
-                is_short = bool(short) and not token.startswith("--") and token.startswith(short)
-                if is_long or is_short:
-                    raise InvalidParameterValue(
-                        f"{where}: {long} is not allowed in requirements.txt ({why})"
-                    )
-        requirement = re.split(r"[\s;]", line, maxsplit=1)[0]
-        if not requirement.startswith("-") and _looks_local(line if "@" in line else requirement):
+        if line.startswith("-"):
+            _check_option(where, line)
+        else:
+            _check_requirement(where, line, outbound)
+
+
+def _check_option(where: str, line: str) -> None:
+    name, _, value = line.partition("=") if "=" in line.split()[0] else line.partition(" ")
+    name, value = name.strip(), value.strip()
+    full = _SHORT.get(name[:2], name) if not name.startswith("--") else name
+    if full in _REFUSED:
+        raise InvalidParameterValue(
+            f"{where}: {full} is not allowed in requirements.txt ({_REFUSED[full]})"
+        )
+    if name not in _GLOBAL:
+        allowed = ", ".join(_GLOBAL)
+        raise InvalidParameterValue(
+            f"{where}: the pip option {name} is not allowed in requirements.txt "
+            f"(allowed: {allowed}, and --hash after a requirement)"
+        )
+    if _GLOBAL[name] != bool(value) or (value and not _BINARY_VALUE.match(value)):
+        raise InvalidParameterValue(
+            f"{where}: {name} "
+            + ("takes :all:, :none: or package names" if _GLOBAL[name] else "takes no value")
+        )
+
+
+def _check_requirement(where: str, line: str, outbound: OutboundPolicy | None) -> None:
+    spec, hashes = line, []
+    if " --" in line or "\t--" in line:
+        at = min(i for i in (line.find(" --"), line.find("\t--")) if i >= 0)
+        spec, rest = line[:at].strip(), line[at:].strip()
+        hashes = ["--" + part.strip() for part in rest.split("--") if part.strip()]
+    for option in hashes:
+        if not _HASH.match(option):
+            raise InvalidParameterValue(
+                f"{where}: after a requirement only --hash=<algorithm>:<digest> is allowed "
+                f"(got {option.split('=')[0].split()[0]!r})"
+            )
+    lowered = spec.lower()
+    if lowered.startswith(_VCS) or any(f"@ {v}" in lowered or f"@{v}" in lowered for v in _VCS):
+        raise InvalidParameterValue(
+            f"{where}: version-control requirements are not supported (builds have no git); "
+            "list a released package, or a URL of a wheel or sdist"
+        )
+    if "://" in spec and "@" not in spec.split("://")[0]:
+        raise InvalidParameterValue(
+            f"{where}: give a URL as 'name @ <url>', so the package's name is known"
+        )
+    try:
+        requirement = Requirement(spec)
+    except InvalidRequirement as e:
+        if _looks_local(spec):
+            raise InvalidParameterValue(
+                f"{where}: local paths and file: URLs are not allowed; "
+                "list a package name (or an http(s) URL) instead"
+            ) from None
+        raise InvalidParameterValue(f"{where}: not a valid requirement ({e})") from None
+    if requirement.url is not None:
+        if requirement.url.lower().startswith("file:"):
             raise InvalidParameterValue(
                 f"{where}: local paths and file: URLs are not allowed; "
                 "list a package name (or an http(s) URL) instead"
             )
+        check_url(requirement.url, f"{where}: the URL", outbound)
+
+
+def _looks_local(token: str) -> bool:
+    lowered = token.lower()
+    if re.search(r"(^|[@+])\s*file:", lowered):
+        return True
+    if "://" in lowered:
+        return False
+    return lowered.startswith((".", "/", "~")) or "/" in lowered or "\\" in lowered
 
 
 class LayerStore:
     """Cached dependency layers (see the module docstring)."""
 
-    def __init__(self, root: Path, builder: Builder, *, platform: str = "") -> None:
+    def __init__(
+        self,
+        root: Path,
+        builder: Builder,
+        *,
+        platform: str = "",
+        outbound: OutboundPolicy | None = None,
+    ) -> None:
         """``platform`` names what layers are built against (the base root's digest):
-        a layer built on another root is another layer."""
+        a layer built on another root is another layer. ``outbound``: what direct URLs
+        may reach besides public addresses."""
+        self._outbound = outbound
         self._layers = root / "layers"
         self._tmp = root / "tmp"
         self._builder = builder
@@ -159,7 +234,7 @@ class LayerStore:
         :class:`DependencyInstallError` (with pip's own output) when pip fails.
         ``progress`` gets pip's output as it comes.
         """
-        check_requirements(requirements)
+        check_requirements(requirements, self._outbound)
         key = self.key(requirements, runtime)
         target = self.path(key)
         if target.is_dir():

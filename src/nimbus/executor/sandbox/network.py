@@ -16,6 +16,10 @@ until the function is deleted or the node stops::
   be read back (``ip netns exec … ip route``) to prove it.
 - Sandboxes cannot reach each other (FORWARD drops veth-to-veth); IPv6 is
   disabled inside.
+- A namespace made ``public_only`` (dependency builds) also rejects every private
+  range (RFC 1918, shared address space, benchmarking), but the host's name servers
+  and what the operator allowed: a build reaches package indexes on the internet,
+  not the network the node sits in.
 
 Forwarding (``net.ipv4.ip_forward``) is switched on for the host when the
 first egress namespace is made, and left on.
@@ -36,6 +40,24 @@ log = logging.getLogger("nimbus.network")
 
 SUBNET = ipaddress.IPv4Network("100.80.0.0/16")
 LINK_LOCAL = "169.254.0.0/16"
+#: What a ``public_only`` namespace rejects besides the host and link-local.
+PRIVATE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "198.18.0.0/15")
+
+
+def name_servers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
+    """The IPv4 name servers the host uses (a build must reach them, private or not)."""
+    found = []
+    try:
+        with open(resolv_conf) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    with contextlib.suppress(ValueError):
+                        if ipaddress.ip_address(parts[1]).version == 4:
+                            found.append(parts[1])
+    except OSError:
+        pass
+    return found
 
 
 class NetworkUnavailable(Exception):
@@ -144,17 +166,25 @@ class EgressNetworks:
                     await _run("ip", "link", "del", ifname, check=False)
         await self._remove_host_rules()
 
-    async def ensure(self, function: str) -> Egress:
-        """The function's egress namespace, made on first use."""
+    async def ensure(
+        self, function: str, *, public_only: bool = False, allow: tuple[str, ...] = ()
+    ) -> Egress:
+        """The function's egress namespace, made on first use (``public_only``: no
+        private ranges either, but the name servers and the ``allow``ed networks)."""
         async with self._locks[function]:
             net = self._nets.get(function)
             if net is not None:
                 return net
             await self._host_setup()
-            index = self._next
-            self._next += 1
-            block = list(SUBNET.subnets(new_prefix=30))[index % 16384]
-            gateway, address = (str(h) for h in block.hosts())
+            # Another node on this machine may hold the next block already: skip those.
+            taken = set(await self._host_addresses())
+            while True:
+                index = self._next
+                self._next += 1
+                block = list(SUBNET.subnets(new_prefix=30))[index % 16384]
+                gateway, address = (str(h) for h in block.hosts())
+                if gateway not in taken or self._next > 16384:
+                    break
             net = Egress(
                 function=function,
                 name=f"{self._prefix}{index}",
@@ -163,7 +193,7 @@ class EgressNetworks:
                 address=address,
             )
             try:
-                await self._create(net)
+                await self._create(net, public_only=public_only, allow=allow)
             except NetworkUnavailable:
                 await self._destroy(net)
                 raise
@@ -181,7 +211,9 @@ class EgressNetworks:
                     found.append(addr)
         return found
 
-    async def _create(self, net: Egress) -> None:
+    async def _create(
+        self, net: Egress, *, public_only: bool = False, allow: tuple[str, ...] = ()
+    ) -> None:
         ns, peer = net.name, f"{net.host_if}p"[:15]
         await _run(
             "ip",
@@ -206,12 +238,20 @@ class EgressNetworks:
             f"route add default via {net.gateway}",
             f"route add unreachable {LINK_LOCAL}",
         ]
-        blocked = [net.gateway, *(a for a in await self._host_addresses() if a != net.gateway)]
+        blocked = list(dict.fromkeys([net.gateway, *await self._host_addresses()]))
         inside += [f"route add unreachable {a}/32" for a in blocked]
         await _run("ip", "-n", ns, "-batch", "-", stdin="\n".join(inside) + "\n")
         rules = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
         for dest in (LINK_LOCAL, *(f"{a}/32" for a in blocked)):
             rules.append(f"-A OUTPUT -d {dest} -j REJECT --reject-with icmp-net-unreachable")
+        if public_only:
+            for server in name_servers():
+                rules.append(f"-A OUTPUT -d {server}/32 -p udp --dport 53 -j ACCEPT")
+                rules.append(f"-A OUTPUT -d {server}/32 -p tcp --dport 53 -j ACCEPT")
+            for network in allow:
+                rules.append(f"-A OUTPUT -d {network} -j ACCEPT")
+            for dest in PRIVATE:
+                rules.append(f"-A OUTPUT -d {dest} -j REJECT --reject-with icmp-net-unreachable")
         rules.append("COMMIT")
         await _run("ip", "netns", "exec", ns, "iptables-restore", stdin="\n".join(rules) + "\n")
         await _run(
