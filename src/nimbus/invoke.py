@@ -91,7 +91,7 @@ class Invoker:
         lines = [platform.start(r.request_id), *platform.trailer(r)]
         for line in lines:
             if line is not None:
-                self._logs.emit(version.name, version.number, "", r.request_id, line)
+                self._logs.emit(version.name, version.number, "", r.request_id, line, True)
 
 
 def new_trace_id(now: float | None = None) -> str:

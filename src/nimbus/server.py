@@ -199,13 +199,19 @@ class Nimbus:
             yield record.name, "starting", c.starting
 
     async def start(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        data = self.settings.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        # Functions' environments, logs and invocations are in here: no other local user
+        # reads them. (Sandboxes see only what is bound into them, whatever this says.)
+        data.chmod(0o700)
         await self.executor.open()
         await self.store.open()
         await self.logs.open()
         await self.functions.load()
         self.scheduler.start()
         await self.async_invoker.start()
+        for db in data.glob("*.db*"):  # SQLite gives its -wal and -shm the db's mode
+            db.chmod(0o600)
         await self.schedules.start()
         await self.events.start()
 

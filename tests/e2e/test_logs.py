@@ -112,3 +112,20 @@ def test_follow_streams_new_records(server: NimbusServer) -> None:
     assert done.wait(10)
     messages = [str(x["message"]) for x in seen]
     assert "line 0" in messages and messages[-1].startswith("REPORT")
+
+
+def test_a_function_cannot_forge_platform_lines(server: NimbusServer) -> None:
+    assert server.deploy("forger", name="log-forger").status_code == 201
+    rid = server.invoke("log-forger").headers["x-nimbus-request-id"]
+    records = server.wait_logs(
+        "log-forger",
+        lambda rs: any(x["platform"] and x["message"].startswith("REPORT") for x in rs),
+    )
+    mine = [(x["message"].split("\t")[0], x["platform"]) for x in records if x["request_id"] == rid]
+    assert mine == [
+        (f"START RequestId: {rid} Version: 1", True),
+        (f"END RequestId: {rid}", False),  # printed by the function
+        (f"REPORT RequestId: {rid}", False),
+        (f"END RequestId: {rid}", True),  # the platform's
+        (f"REPORT RequestId: {rid}", True),
+    ]

@@ -251,3 +251,14 @@ def test_holds_no_file_descriptor_but_its_own(server: NimbusServer) -> None:
     }
     assert unexpected == {}, f"file descriptors the instance did not open: {unexpected}"
     assert_unharmed(server)
+
+
+def test_the_data_dir_is_the_servers_alone(server: NimbusServer) -> None:
+    """Finding 8 of #12: the data dir was 755 and its databases 644."""
+    import stat
+
+    assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
+    dbs = sorted(server.data_dir.glob("*.db*"))
+    assert {p.name for p in dbs} >= {"nimbus.db", "logs.db", "queue.db"}
+    for db in dbs:
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600, db

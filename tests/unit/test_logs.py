@@ -69,6 +69,7 @@ def test_emit_and_query_in_order_with_filters(tmp_path: Path) -> None:
             "instance": "i1",
             "request_id": "",
             "message": "init",
+            "platform": False,
         }
 
         # limit: the latest N, ascending; across the flushed/buffered boundary too.

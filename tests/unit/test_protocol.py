@@ -46,7 +46,9 @@ def test_partial_header_is_kept() -> None:
 def _reader(max_bytes: int = 1 << 20) -> tuple[OutputReader, list[tuple[str, str]], bytes]:
     lines: list[tuple[str, str]] = []
     token = b"tok"
-    reader = OutputReader(lambda rid, msg: lines.append((rid, msg)), token, max_bytes)
+    reader = OutputReader(
+        lambda rid, msg, platform=False: lines.append((rid, msg)), token, max_bytes
+    )
     return reader, lines, SENTINEL_PREFIX + token + b"\n"
 
 
@@ -184,7 +186,7 @@ def test_a_cancelled_invocation_kills_its_instance() -> None:
         reader, _, _ = _reader()
         proc = Proc()
         version = Version(FunctionSpec(name="f"), 1, "0" * 64, None, 0.0)
-        inst = Instance("i", version, proc, ch, reader, lambda r, m: None, 1.0)  # type: ignore[arg-type]
+        inst = Instance("i", version, proc, ch, reader, lambda r, m, platform=False: None, 1.0)  # type: ignore[arg-type]
         task = asyncio.create_task(inst.invoke("r", bytes(16), b"{}"))
         await asyncio.sleep(0)
         task.cancel()

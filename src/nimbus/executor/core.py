@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import orjson
 
@@ -55,8 +55,19 @@ __all__ = [
     "State",
 ]
 
-#: emit(function, version, instance_id, request_id, message)
-LogEmit = Callable[[str, int, str, str, str], None]
+
+class LogEmit(Protocol):
+    """``emit(function, version, instance_id, request_id, message, platform=False)``."""
+
+    def __call__(
+        self,
+        function: str,
+        version: int,
+        instance: str,
+        request_id: str,
+        message: str,
+        platform: bool = False,
+    ) -> None: ...
 
 
 class Launched(NamedTuple):
@@ -195,7 +206,7 @@ class Executor:
         except LaunchError as e:
             parent.close()
             os.close(read_fd)
-            self._emit(spec.name, version.number, instance_id, "", f"[nimbus] {e}")
+            self._emit(spec.name, version.number, instance_id, "", f"[nimbus] {e}", True)
             raise InitFailed(
                 error_body("Sandbox.SetupError", str(e)), 0.0, "Sandbox.SetupError"
             ) from None
@@ -244,7 +255,7 @@ class Executor:
         except InstanceGone:
             returncode = await _wait(process)
             message = describe_exit(returncode)
-            emit("", message)
+            emit("", message, True)
             self._init_failed(output, init_ctx, platform, 0.0, "Runtime.ExitError")
             raise InitFailed(
                 error_body("Runtime.ExitError", message), 0.0, "Runtime.ExitError"

@@ -15,18 +15,15 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable
 from enum import Enum
 
 import orjson
 
 from nimbus.executor.launcher import InstanceProcess
-from nimbus.executor.output import OutputReader
+from nimbus.executor.output import Emit, OutputReader
 from nimbus.executor.platformlog import PlatformLog
 from nimbus.executor.protocol import ERROR, INVOKE, RESULT, Channel, Frame, InstanceGone
 from nimbus.models import ErrorKind, InvokeContext, InvokeResult, Version
-
-Emit = Callable[[str, str], None]
 
 
 class State(Enum):
@@ -119,7 +116,7 @@ class Instance:
 
     def emit_line(self, line: str) -> None:
         """A line of the platform's in this instance's log, outside any invocation."""
-        self._emit("", line)
+        self._emit("", line, True)
 
     @property
     def pid(self) -> int:
@@ -145,7 +142,7 @@ class Instance:
         ctx = self._output.open(request_id)
         start = self.platform.start(request_id)
         if start is not None:
-            self._emit(request_id, start)
+            self._emit(request_id, start, True)
         timeout = spec.timeout
         # The invocation before its event (see bootstrap.py): trace id, ARN, and the rest
         # as JSON only when there is any.
@@ -183,11 +180,11 @@ class Instance:
             if self.process.oom_killed():
                 error = "OutOfMemory"
                 body = error_body("Runtime.OutOfMemory", message, request_id)
-                self._emit(request_id, f"{message}\nRuntime.OutOfMemory")
+                self._emit(request_id, f"{message}\nRuntime.OutOfMemory", True)
             else:
                 error = "Crash"
                 body = error_body("Runtime.ExitError", message, request_id)
-                self._emit(request_id, message)
+                self._emit(request_id, message, True)
         else:
             duration = frame.seconds * 1000.0
             memory_kib = frame.number

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from typing import Protocol
 
 from nimbus.executor.protocol import SENTINEL_PREFIX
 
@@ -20,7 +20,12 @@ MAX_LINE = 64 * 1024
 #: Output kept between two invocations (from background threads or children).
 ORPHAN_MAX = 1024 * 1024
 
-Emit = Callable[[str, str], None]  # (request_id, message)
+
+class Emit(Protocol):
+    """Where lines go: ``(request_id, message, platform=False)``; ``platform`` marks
+    Nimbus's own lines (the trailer, notes), never the function's output."""
+
+    def __call__(self, request_id: str, message: str, platform: bool = False) -> None: ...
 
 
 class OutputContext:
@@ -75,7 +80,7 @@ class OutputReader(asyncio.Protocol):
         """Emit ``trailer`` once ``ctx``'s output is complete (now, or when it arrives)."""
         if ctx.done.done():
             for line in trailer:
-                self._emit(ctx.request_id, line)
+                self._emit(ctx.request_id, line, True)
         else:
             ctx._trailer = trailer
 
@@ -117,7 +122,7 @@ class OutputReader(asyncio.Protocol):
         ctx = self._contexts.popleft()
         if ctx._trailer is not None:
             for line in ctx._trailer:
-                self._emit(ctx.request_id, line)
+                self._emit(ctx.request_id, line, True)
             ctx._trailer = None
         if not ctx.done.done():
             ctx.done.set_result(None)
@@ -136,6 +141,7 @@ class OutputReader(asyncio.Protocol):
                     rid,
                     f"[nimbus] output dropped: more than {ORPHAN_MAX} bytes written "
                     "outside any invocation",
+                    True,
                 )
                 return
         if ctx is not None:
@@ -152,6 +158,7 @@ class OutputReader(asyncio.Protocol):
                     rid,
                     f"[nimbus] output truncated: this invocation wrote more than "
                     f"{self._max_bytes} bytes",
+                    True,
                 )
                 return
         self._split(rid, chunk)

@@ -49,7 +49,7 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 # (seq, time, function, version, instance, request_id, message): LogRecord's field order.
-_Row = tuple[int, float, str, int, str, str, str]
+_Row = tuple[int, float, str, int, str, str, str, int]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS logs (
@@ -59,13 +59,14 @@ CREATE TABLE IF NOT EXISTS logs (
     version    INTEGER NOT NULL,
     instance   TEXT    NOT NULL,
     request_id TEXT    NOT NULL,
-    message    TEXT    NOT NULL
+    message    TEXT    NOT NULL,
+    platform   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS logs_function_seq ON logs (function, seq);
 CREATE INDEX IF NOT EXISTS logs_function_time ON logs (function, time);
 """
-_COLUMNS = "seq, time, function, version, instance, request_id, message"
-_INSERT = f"INSERT INTO logs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = "seq, time, function, version, instance, request_id, message, platform"
+_INSERT = f"INSERT INTO logs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 # Delete everything older than the ``cap``-th newest record of a function; the
 # subquery walks the (function, seq) index from the newest end.
 _TRIM = (
@@ -85,6 +86,9 @@ class LogRecord:
     instance: str
     request_id: str
     message: str
+    #: Written by Nimbus (START, END, REPORT, INIT_REPORT, ``[nimbus]`` notes), not by
+    #: the function: a function that prints a line like those cannot pass it off as one.
+    platform: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         """The record as the API serves it (the function is implied by the URL)."""
@@ -95,6 +99,7 @@ class LogRecord:
             "instance": self.instance,
             "request_id": self.request_id,
             "message": self.message,
+            "platform": bool(self.platform),
         }
 
 
@@ -193,14 +198,23 @@ class LogStore:
     # -- writing -----------------------------------------------------------------
 
     def emit(
-        self, function: str, version: int, instance: str, request_id: str, message: str
+        self,
+        function: str,
+        version: int,
+        instance: str,
+        request_id: str,
+        message: str,
+        platform: bool = False,
     ) -> None:
-        """Record one line. Called on the event loop for every line: it only buffers."""
+        """Record one line (``platform``: Nimbus's own, not the function's). Called on the
+        event loop for every line: it only buffers."""
         if not self._accepting:
             return
         seq = self._next_seq
         self._next_seq = seq + 1
-        self._buffer.append((seq, time.time(), function, version, instance, request_id, message))
+        self._buffer.append(
+            (seq, time.time(), function, version, instance, request_id, message, int(platform))
+        )
 
     async def delete_function(self, function: str) -> None:
         """Forget every record of ``function``, buffered ones included."""
@@ -347,6 +361,9 @@ class LogStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(logs)")}
+            if "platform" not in columns:  # a data dir from before platform lines were marked
+                conn.execute("ALTER TABLE logs ADD COLUMN platform INTEGER NOT NULL DEFAULT 0")
             # sqlite_sequence remembers seqs whose records were trimmed or deleted since.
             (last_seq,) = conn.execute(
                 "SELECT max(coalesce((SELECT max(seq) FROM logs), 0),"
@@ -368,7 +385,7 @@ class LogStore:
         added = Counter(row[2] for row in batch)
         added_bytes: Counter[str] = Counter()
         for row in batch:
-            added_bytes[row[2]] += len(row[-1])
+            added_bytes[row[2]] += len(row[6])
         conn.execute("BEGIN")
         try:
             conn.executemany(_INSERT, batch)
