@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -160,11 +161,23 @@ class NimbusServer:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {})}
+        #: The bootstrap admin key: the client sends it, the CLI gets it (NIMBUS_API_KEY).
+        self.admin_key = "nmb_test_" + secrets.token_urlsafe(24)
+        self.env = {**os.environ, "NIMBUS_ADMIN_KEY": self.admin_key, **(env or {})}
+        self.admin_key = self.env["NIMBUS_ADMIN_KEY"]
         self.args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"server-{self.port}.log"
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        self.client = httpx.Client(
+            base_url=self.url,
+            timeout=60,
+            headers={"authorization": f"Bearer {self.admin_key}"},
+        )
+
+    def new_client(self, **kwargs: Any) -> httpx.Client:
+        """Another client of this server, with its admin key (for other threads)."""
+        headers = {"authorization": f"Bearer {self.admin_key}", **kwargs.pop("headers", {})}
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
 
     def start(self) -> NimbusServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -273,8 +286,8 @@ class NimbusServer:
 def nimbus_cli(
     server: NimbusServer, *args: str, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """The real ``nimbus`` command, pointed at ``server``."""
-    env = {**os.environ, "NIMBUS_URL": server.url}
+    """The real ``nimbus`` command, pointed at ``server``, with its admin key."""
+    env = {**os.environ, "NIMBUS_URL": server.url, "NIMBUS_API_KEY": server.admin_key}
     return subprocess.run(
         [sys.executable, "-m", "nimbus", *args],
         capture_output=True,

@@ -24,6 +24,18 @@ DOMAIN_RE = re.compile(
 )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` reaches only this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def default_data_dir(environ: Mapping[str, str]) -> Path:
     """``$XDG_DATA_HOME/nimbus``, else ``~/.local/share/nimbus``."""
     xdg = environ.get("XDG_DATA_HOME")
@@ -63,6 +75,15 @@ class Settings:
     #: Networks and host names callbacks and URL destinations may reach besides public
     #: addresses (comma separated), e.g. ``10.1.0.0/16, hooks.internal``.
     outbound_allow: str = ""
+    #: The bootstrap admin key (``NIMBUS_ADMIN_KEY``: no flag, so it is not in ``ps``);
+    #: else read from ``admin_key_file``; else made at first start in the data dir.
+    admin_key: str = ""
+    admin_key_file: str = ""
+    #: Serve the control plane without API keys (refused unless bound to loopback).
+    insecure_no_auth: bool = False
+    #: TLS on the listener: a certificate chain and its private key (PEM files).
+    tls_cert: str = ""
+    tls_key: str = ""
     #: Instances running at once on this node, over all functions.
     max_instances: int = 256
     #: Requests that may wait for an instance, per function, before 429.
@@ -140,6 +161,13 @@ class Settings:
             )
         if not re.fullmatch(r"[0-9]{12}", self.account_id):
             raise InvalidParameterValue(f"account_id must be 12 digits (got {self.account_id!r})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidParameterValue("TLS needs both --tls-cert and --tls-key")
+        if self.insecure_no_auth and not is_loopback(self.host):
+            raise InvalidParameterValue(
+                f"refusing to serve without authentication on {self.host}: "
+                "--insecure-no-auth works only on a loopback address (127.0.0.1, ::1)"
+            )
         if not DOMAIN_RE.fullmatch(self.function_domain):
             raise InvalidParameterValue(
                 f"function_domain must be a DNS name, e.g. localhost (got {self.function_domain!r})"

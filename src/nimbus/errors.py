@@ -6,6 +6,8 @@ The tree::
     ├── InvalidParameterValue        400 a bad spec, a bad zip, a bad query parameter
     │   ├── DependencyInstallError   400 pip could not install requirements.txt
     │   └── FunctionInitError        400 the new version's init failed: not published
+    ├── Unauthorized                 401 no API key, or not a valid one
+    ├── AccessDenied                 403 the key's scopes do not allow it
     ├── ResourceNotFound             404 no such function, invocation, route
     ├── ResourceConflict             409 the function already exists
     ├── RequestTooLarge              413 payload or upload over its limit
@@ -64,6 +66,20 @@ class FunctionInitError(InvalidParameterValue):
         return wire
 
 
+class Unauthorized(NimbusError):
+    """No API key came with the request, or it is not a live key of this node."""
+
+    code = "Unauthorized"
+    status = 401
+
+
+class AccessDenied(NimbusError):
+    """The request's key is valid, but its scopes (or its tenant) do not allow this."""
+
+    code = "AccessDenied"
+    status = 403
+
+
 class ResourceNotFound(NimbusError):
     code = "ResourceNotFound"
     status = 404
@@ -101,4 +117,6 @@ def status_of(error: NimbusError) -> int:
 def headers_of(error: NimbusError) -> dict[str, str]:
     if isinstance(error, TooManyRequests):
         return {"retry-after": str(error.retry_after)}
+    if isinstance(error, Unauthorized):
+        return {"www-authenticate": 'Bearer realm="nimbus"'}
     return {}

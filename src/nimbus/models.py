@@ -127,6 +127,10 @@ class FunctionSpec(BaseModel):
     environment: dict[str, str] = Field(default_factory=dict)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     network: Literal["none", "egress"] = "none"
+    #: Who may call the function through the gateway: anyone (``none``, as a Lambda
+    #: function URL with AuthType NONE) or only with an API key of the invoke scope
+    #: (``key``, as AuthType AWS_IAM). The control plane always needs a key.
+    auth: Literal["none", "key"] = "none"
     #: Size of the instance's private /tmp, MB (Lambda's ephemeral storage).
     ephemeral_storage: int = Field(default=512, ge=512, le=10240)
     #: Asynchronous invocation settings (``async:`` in YAML).

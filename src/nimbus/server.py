@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -19,18 +20,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import FastAPI
 
 from nimbus.api import build_api
+from nimbus.api.keys import keys_router
+from nimbus.api.scopes import PUBLIC, check_routes
 from nimbus.api.triggers import triggers_router
 from nimbus.asyncinvoke import AsyncInvoker
-from nimbus.config import Settings
-from nimbus.errors import NimbusError, ServiceException
+from nimbus.auth.crypto import load_node_key
+from nimbus.auth.edge import PRINCIPAL, Edge
+from nimbus.auth.keys import KeyRing, SqliteKeyStore
+from nimbus.config import Settings, is_loopback
+from nimbus.errors import NimbusError, ServiceException, Unauthorized, headers_of
 from nimbus.executor.core import Executor, Launcher
 from nimbus.executor.sandbox.baseroot import BaseRoot
 from nimbus.functions import Functions, read_spec_file
 from nimbus.gateway import Gateway
-from nimbus.gateway.app import PREFIX, function_host
+from nimbus.gateway.app import JSON, PREFIX, function_host, send_response
 from nimbus.gateway.asyncapp import ASYNC_PREFIX, AsyncGateway, is_event_invoke
 from nimbus.invoke import Invoker
 from nimbus.models import Account, FunctionSpec, Version
@@ -58,6 +65,15 @@ class Nimbus:
         data = settings.data_dir
         runtimes = available_runtimes()
         account = Account(settings.region, settings.account_id)
+        data.mkdir(parents=True, exist_ok=True)
+        if settings.insecure_no_auth:
+            self.keys: KeyRing | None = None
+        else:
+            self.keys = KeyRing(SqliteKeyStore(data / "keys.db"), load_node_key(data / "node.key"))
+        self.edge = Edge(self.keys)
+        self.admin_key_path: Path | None = None
+        # Read now, so that a key that cannot be read stops `nimbus up` with one line.
+        self._admin_secret = self._admin_key() if self.keys is not None else ""
         self.outbound = OutboundPolicy.parse(settings.outbound_allow)
         if isolation is None:
             isolation = build_isolation(settings)
@@ -110,7 +126,7 @@ class Nimbus:
             self.metrics,
             max_payload=settings.max_sync_payload,
         )
-        self.gateway = Gateway(self.invoker)
+        self.gateway = Gateway(self.invoker, authorize=self._authorize)
         self._host_suffix = b"." + settings.function_domain.encode("ascii")
         self.async_invoker = AsyncInvoker(
             SqliteQueue(data / "queue.db"),
@@ -125,7 +141,7 @@ class Nimbus:
             account=account,
             outbound=self.outbound,
         )
-        self.async_gateway = AsyncGateway(self.async_invoker)
+        self.async_gateway = AsyncGateway(self.async_invoker, authorize=self._authorize)
         self.schedules = ScheduleRunner(
             self.functions, self.async_invoker, self.store, account=account
         )
@@ -157,6 +173,9 @@ class Nimbus:
             function_domain=settings.function_domain,
         )
         self.api.include_router(triggers_router(self.functions, self.schedules, self.events))
+        if self.keys is not None:
+            self.api.include_router(keys_router(self.keys))
+        check_routes(self.api)  # a route without a scope is a bug: refuse to start
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI entry point: a function's own host and the gateway's prefix go straight
@@ -167,10 +186,29 @@ class Nimbus:
             await self.gateway(scope, receive, send)
         elif scope["type"] == "http" and scope["path"].startswith(ASYNC_PREFIX):
             await self.async_gateway(scope, receive, send)
-        elif scope["type"] == "http" and is_event_invoke(scope):
-            await self.async_gateway.invoke_event(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] not in PUBLIC:
+            # The control plane: no route without a valid key (each checks its scope).
+            principal = self.edge.principal(scope["headers"])
+            if principal is None:
+                error = Unauthorized(
+                    "this needs an API key: send 'Authorization: Bearer <key>' (the CLI "
+                    "reads NIMBUS_API_KEY); the admin key is in the data dir's admin.key"
+                )
+                headers = [JSON, *((k.encode(), v.encode()) for k, v in headers_of(error).items())]
+                await send_response(send, 401, headers, orjson.dumps(error.to_wire()))
+                return
+            scope[PRINCIPAL] = principal
+            if is_event_invoke(scope):
+                await self.async_gateway.invoke_event(scope, receive, send)
+            else:
+                await self.api(scope, receive, send)
         else:
             await self.api(scope, receive, send)
+
+    def _authorize(self, name: str, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """A gateway request to ``name``: with ``auth: key``, a key of the invoke scope."""
+        if self.functions.current(name).spec.auth == "key":
+            self.edge.require(headers, "invoke")
 
     def _check_spec(self, spec: FunctionSpec) -> None:
         """What this node allows beyond the spec's own rules: file triggers under the
@@ -205,6 +243,9 @@ class Nimbus:
         # reads them. (Sandboxes see only what is bound into them, whatever this says.)
         data.chmod(0o700)
         await self.executor.open()
+        if self.keys is not None:
+            await self.keys.open()
+            await self.keys.bootstrap_admin(self._admin_secret)
         await self.store.open()
         await self.logs.open()
         await self.functions.load()
@@ -215,8 +256,32 @@ class Nimbus:
         await self.schedules.start()
         await self.events.start()
 
+    def _admin_key(self) -> str:
+        """``NIMBUS_ADMIN_KEY``, else ``--admin-key-file``'s, else the data dir's
+        ``admin.key`` (made, 0600, the first time)."""
+        settings = self.settings
+        if settings.admin_key:
+            return settings.admin_key.strip()
+        path = Path(settings.admin_key_file) if settings.admin_key_file else None
+        if path is None:
+            path = settings.data_dir / "admin.key"
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write("nmb_" + secrets.token_urlsafe(32) + "\n")
+        self.admin_key_path = path
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise ServiceException(f"cannot read the admin key from {path}: {e.strerror}") from e
+        if len(key) < 16:
+            raise ServiceException(f"the admin key in {path} is too short (16 characters at least)")
+        return key
+
     async def stop(self) -> None:
         await self.events.close()
+        if self.keys is not None:
+            await self.keys.close()
         await self.schedules.close()
         await self.async_invoker.close()
         await self.scheduler.close()
@@ -404,7 +469,7 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     try:
         node = Nimbus(settings)
-    except SandboxUnavailable as e:
+    except NimbusError as e:  # cannot sandbox, an unreadable key, …: one line
         print(f"nimbus up: {e.message}", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -413,12 +478,24 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
             await super().startup(sockets)
             if self.should_exit:
                 return
+            scheme = "https" if settings.tls_cert else "http"
             base = (
-                f"http://{settings.host}:{self.servers[0].sockets[0].getsockname()[1]}"
+                f"{scheme}://{settings.host}:{self.servers[0].sockets[0].getsockname()[1]}"
                 if self.servers
                 else ""
             )
             print(f"Nimbus is up on {base} (data in {settings.data_dir})", flush=True)
+            if node.keys is None:
+                print("  authentication is off (--insecure-no-auth)", flush=True)
+            elif node.admin_key_path is not None:
+                path = node.admin_key_path
+                print(f"  admin key: {path}  (export NIMBUS_API_KEY=$(cat {path}))", flush=True)
+            if not is_loopback(settings.host) and not settings.tls_cert:
+                log.warning(
+                    "listening on %s without TLS: API keys cross the network in clear; use "
+                    "--tls-cert/--tls-key or a TLS-terminating proxy (docs/security.md)",
+                    settings.host,
+                )
             for directory in deploy:
                 try:
                     fname, number, changed = await node.deploy_directory(directory)
@@ -444,6 +521,8 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         server_header=False,
+        ssl_certfile=settings.tls_cert or None,
+        ssl_keyfile=settings.tls_key or None,
     )
     server = _Server(config)
     server.run()

@@ -19,7 +19,6 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.support import NimbusServer
@@ -461,7 +460,7 @@ def test_cli(server: NimbusServer) -> None:
 def test_status_survives_in_flight_http_clients(server: NimbusServer) -> None:
     """Many concurrent submissions each get their own durable id."""
     deploy(server, "async-many", fixture="async-noop")
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with server.new_client(timeout=30) as client:
         ids: list[str] = []
         lock = threading.Lock()
 

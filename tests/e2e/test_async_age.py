@@ -7,8 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
-
 from tests.e2e.test_async import EVENT, Receiver, get, outcomes, receiver, wait  # noqa: F401
 from tests.support import NimbusServer
 
@@ -35,8 +33,8 @@ def test_a_throttled_event_is_dead_lettered_when_too_old(
     assert r.status_code == 201, r.text
     # Hold the function's only instance with a synchronous call longer than the event age.
     blocker = threading.Thread(
-        target=lambda: httpx.post(
-            f"{server.url}/v1/functions/async-aged/invoke", json={"sleep": 75}, timeout=120
+        target=lambda: server.new_client(timeout=120).post(
+            "/v1/functions/async-aged/invoke", json={"sleep": 75}
         ),
         daemon=True,
     )

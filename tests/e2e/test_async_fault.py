@@ -34,9 +34,10 @@ FUNCTION = "fault-noop"
 
 
 class Submitter(threading.Thread):
-    def __init__(self, url: str, keys: list[str]) -> None:
+    def __init__(self, url: str, keys: list[str], api_key: str) -> None:
         super().__init__(daemon=True)
         self.url = url
+        self.api_key = api_key
         self.keys = keys
         self.accepted: dict[str, str] = {}  # key -> invocation id
         self.replays = 0
@@ -45,7 +46,8 @@ class Submitter(threading.Thread):
 
     def run(self) -> None:
         try:
-            with httpx.Client(base_url=self.url, timeout=10) as client:
+            headers = {"authorization": f"Bearer {self.api_key}"}
+            with httpx.Client(base_url=self.url, timeout=10, headers=headers) as client:
                 for key in self.keys:
                     while True:
                         try:
@@ -91,7 +93,9 @@ def test_no_accepted_invocation_is_lost_across_kill_9(
         assert r.status_code == 201, r.text
 
         keys = [f"k-{i}" for i in range(TOTAL)]
-        threads = [Submitter(server.url, keys[i::THREADS]) for i in range(THREADS)]
+        threads = [
+            Submitter(server.url, keys[i::THREADS], server.admin_key) for i in range(THREADS)
+        ]
         for t in threads:
             t.start()
 

@@ -187,7 +187,7 @@ def test_overload_gets_429_with_retry_after(server: NimbusServer) -> None:
     assert server.deploy("slow", name="inv-slow").status_code == 201
 
     def call(_: int) -> httpx.Response:
-        with httpx.Client(base_url=server.url, timeout=30) as c:
+        with server.new_client(timeout=30) as c:
             return c.post("/v1/functions/inv-slow/invoke", json={"sleep": 2})
 
     with ThreadPoolExecutor(6) as pool:
@@ -204,7 +204,7 @@ def test_concurrent_requests_scale_out(server: NimbusServer) -> None:
     assert server.deploy("slow", name="inv-scale", scaling={"max": 4}).status_code == 201
 
     def call(_: int) -> httpx.Response:
-        with httpx.Client(base_url=server.url, timeout=30) as c:
+        with server.new_client(timeout=30) as c:
             return c.post("/v1/functions/inv-scale/invoke", json={"sleep": 0.5})
 
     with ThreadPoolExecutor(4) as pool:

@@ -39,7 +39,7 @@ def test_sigterm_finishes_in_flight_invocation_and_leaves_no_process(tmp_path: P
         result: dict[str, httpx.Response] = {}
 
         def call() -> None:
-            with httpx.Client(base_url=s.url, timeout=30) as c:
+            with s.new_client(timeout=30) as c:
                 result["r"] = c.post("/v1/functions/drain/invoke", json={"sleep": 2})
 
         t = threading.Thread(target=call)

@@ -6,8 +6,6 @@ import json
 import threading
 import time
 
-import httpx
-
 from tests.support import NimbusServer
 
 
@@ -95,7 +93,7 @@ def test_follow_streams_new_records(server: NimbusServer) -> None:
 
     def follow() -> None:
         with (
-            httpx.Client(base_url=server.url, timeout=None) as c,
+            server.new_client(timeout=None) as c,
             c.stream("GET", "/v1/functions/log-follow/logs", params={"follow": "true"}) as r,
         ):
             assert r.headers["content-type"].startswith("application/x-ndjson")

@@ -7,8 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
 from tests.support import running, zip_of
 
 
@@ -27,7 +25,7 @@ def test_200_warm_instances_of_20_functions(tmp_path: Path) -> None:
             time.sleep(0.2)
 
         def call(i: int) -> int:
-            with httpx.Client(base_url=s.url, timeout=30) as c:
+            with s.new_client(timeout=30) as c:
                 return sum(
                     c.get(f"/function/many-{i:02d}", params={"name": "x"}).status_code == 200
                     for _ in range(10)

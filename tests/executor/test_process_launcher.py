@@ -25,7 +25,7 @@ def test_an_execd_instance_serves_and_reports_its_output() -> None:
             available_runtimes(),
             lambda sha: FIXTURES / "print-lots",
             lambda sha: Path("/nonexistent"),
-            lambda fn, ver, inst, rid, msg: lines.append((rid, msg)),
+            lambda fn, ver, inst, rid, msg, platform=False: lines.append((rid, msg)),
             max_log_bytes=1 << 20,
         )
         runtime = f"python{sys.version_info.major}.{sys.version_info.minor}"

@@ -8,8 +8,6 @@ import json
 import threading
 import time
 
-import httpx
-
 from tests.security.attacks import (
     PeakRss,
     assert_no_leaked_cgroups,
@@ -181,7 +179,7 @@ def test_cpu_hogs_do_not_starve_the_host_or_a_neighbour(server: NimbusServer) ->
     errors: list[str] = []
 
     def hog() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
+        with server.new_client(timeout=30) as client:
             r = client.post("/v1/functions/sec-spin/invoke", content=event)
             if r.status_code != 200 or "X-Nimbus-Function-Error" in r.headers:
                 errors.append(f"{r.status_code} {r.text}")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -78,9 +79,17 @@ def up_command(port: int, data: Path, *extra: str) -> list[str]:
     ]
 
 
+ADMIN_KEY = "nmb_unprivileged_test_key_0123"
+
+
 def environment(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIMBUS_")}
-    return {**env, "HOME": str(home), "XDG_DATA_HOME": str(home / "xdg")}
+    return {
+        **env,
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "xdg"),
+        "NIMBUS_ADMIN_KEY": ADMIN_KEY,
+    }
 
 
 def test_refuses_to_start_without_root(home: Path) -> None:
@@ -112,6 +121,10 @@ class Unprivileged:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def new_client(self, **kwargs: Any) -> httpx.Client:
+        headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
 
 
 @pytest.fixture
@@ -160,7 +173,7 @@ def test_insecure_no_sandbox_starts_and_warns(insecure: Unprivileged) -> None:
 def test_insecure_no_sandbox_runs_functions(insecure: Unprivileged) -> None:
     """Unsandboxed and unprivileged, instances are plain processes of the server's user."""
     spec, code = zip_of("hello", name="sec-insecure")
-    with httpx.Client(base_url=insecure.url, timeout=60) as client:
+    with insecure.new_client(timeout=60) as client:
         r = client.post(
             "/v1/functions",
             data={"spec": json.dumps(spec)},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
-from tests.support import NimbusServer
+from tests.support import NimbusServer, nimbus_cli
 from tests.triggers.support import (
     deploy_sink,
     printed,
@@ -312,13 +312,9 @@ def test_the_cli_adds_lists_and_removes_a_file_trigger(
     server: NimbusServer, tmp_path: Path
 ) -> None:
     import subprocess
-    import sys
 
     def nimbus(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "NIMBUS_URL": server.url}
-        return subprocess.run(
-            [sys.executable, "-m", "nimbus", *args], capture_output=True, text=True, env=env
-        )
+        return nimbus_cli(server, *args)
 
     deploy_sink(server, "files-cli")
     added = nimbus(

@@ -825,9 +825,20 @@ def test_event_invoke_fast_path_and_api_route_answer_alike(tmp_path: Any) -> Non
                 ("/v1/functions/f/invoke", b"{}", {"idempotency-key": ""}),
             ]
 
+        from nimbus.auth.edge import ANONYMOUS_ADMIN, PRINCIPAL
+
+        def authenticated(app: Any) -> Any:
+            """What the edge does before either: the request's principal in its scope."""
+
+            async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+                scope[PRINCIPAL] = ANONYMOUS_ADMIN
+                await app(scope, receive, send)
+
+            return wrapped
+
         answers = []
         for key, app in (("k1", fast), ("k2", api)):
-            transport = httpx.ASGITransport(app=app)
+            transport = httpx.ASGITransport(app=authenticated(app))
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
                 got = []
                 for path, body, headers in cases(key):

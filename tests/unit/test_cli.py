@@ -41,6 +41,8 @@ def runner() -> CliRunner:
             k: None
             for k in (
                 "NIMBUS_URL",
+                "NIMBUS_API_KEY",
+                "NIMBUS_API_KEY_FILE",
                 "NIMBUS_HOST",
                 "NIMBUS_PORT",
                 "NIMBUS_DATA_DIR",

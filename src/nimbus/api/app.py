@@ -27,6 +27,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nimbus.api.invocations import invocation_type, invocations_router
+from nimbus.api.scopes import needs
 from nimbus.asyncinvoke import AsyncInvoker
 from nimbus.errors import (
     InvalidParameterValue,
@@ -113,7 +114,15 @@ def build_api(
         description="Self-hosted serverless functions. See docs/api.md.",
         default_response_class=JSONResponse,
         lifespan=lifespan,
+        # Served below, behind a key like every route but /healthz; no browsable docs.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[needs("read")])
+    async def openapi() -> Any:
+        return app.openapi()
 
     # -- errors --------------------------------------------------------------------------
     @app.exception_handler(NimbusError)
@@ -276,6 +285,7 @@ def build_api(
         "/v1/functions",
         status_code=201,
         tags=["functions"],
+        dependencies=[needs("deploy")],
         responses={
             200: {"description": "the deploy's progress, with Accept: application/x-ndjson"}
         },
@@ -297,6 +307,7 @@ def build_api(
     @app.put(
         "/v1/functions/{name}",
         tags=["functions"],
+        dependencies=[needs("deploy")],
         responses={200: {"description": "the function (or the deploy's progress)"}},
     )
     async def update_function(
@@ -313,22 +324,24 @@ def build_api(
 
         return await deploying(request, 200, code, run)
 
-    @app.get("/v1/functions", tags=["functions"])
+    @app.get("/v1/functions", tags=["functions"], dependencies=[needs("read")])
     async def list_functions() -> Any:
         return {"functions": [function_out(r) for r in functions.all()]}
 
-    @app.get("/v1/functions/{name}", tags=["functions"])
+    @app.get("/v1/functions/{name}", tags=["functions"], dependencies=[needs("read")])
     async def get_function(name: str) -> Any:
         record = functions.get(name)
         return function_out(record, await functions.versions(name))
 
-    @app.delete("/v1/functions/{name}", status_code=204, tags=["functions"])
+    @app.delete(
+        "/v1/functions/{name}", status_code=204, tags=["functions"], dependencies=[needs("deploy")]
+    )
     async def delete_function(name: str) -> Response:
         await functions.delete(name)
         return Response(status_code=204)
 
     # -- invoke ------------------------------------------------------------------------------
-    @app.post("/v1/functions/{name}/invoke", tags=["invoke"])
+    @app.post("/v1/functions/{name}/invoke", tags=["invoke"], dependencies=[needs("invoke")])
     async def invoke(name: str, request: Request) -> Response:
         functions.current(name)  # 404 before reading a body
         kind = invocation_type(request.headers)
@@ -365,7 +378,7 @@ def build_api(
         app.include_router(invocations_router(async_invoker))
 
     # -- logs --------------------------------------------------------------------------------
-    @app.get("/v1/functions/{name}/logs", tags=["logs"])
+    @app.get("/v1/functions/{name}/logs", tags=["logs"], dependencies=[needs("read")])
     async def get_logs(
         name: str,
         since: str | None = None,
@@ -408,7 +421,7 @@ def build_api(
     async def healthz() -> Any:
         return {"status": "ok", "functions": len(functions.all()), "instances": scheduler.total}
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], dependencies=[needs("read")])
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+from nimbus.api.scopes import needs
 from nimbus.asyncinvoke import FUNCTION_ERRORS, AsyncInvoker, iso_time, json_value
 from nimbus.errors import InvalidParameterValue
 from nimbus.observability.logs import LogRecord
@@ -90,7 +91,7 @@ def invocation_summary(invocation: Invocation) -> dict[str, Any]:
 def invocations_router(async_invoker: AsyncInvoker) -> APIRouter:
     router = APIRouter(tags=["invocations"])
 
-    @router.get("/v1/invocations")
+    @router.get("/v1/invocations", dependencies=[needs("read")])
     async def list_invocations(
         function: str | None = None,
         status: str | None = None,
@@ -103,12 +104,12 @@ def invocations_router(async_invoker: AsyncInvoker) -> APIRouter:
         found = await async_invoker.list_invocations(function=function, status=status, limit=limit)
         return {"invocations": [invocation_summary(i) for i in found]}
 
-    @router.get("/v1/invocations/{invocation_id}")
+    @router.get("/v1/invocations/{invocation_id}", dependencies=[needs("invoke", "read")])
     async def get_invocation(invocation_id: str) -> Any:
         invocation = await async_invoker.get(invocation_id)
         return invocation_out(invocation, await async_invoker.attempt_logs(invocation))
 
-    @router.delete("/v1/invocations/{invocation_id}")
+    @router.delete("/v1/invocations/{invocation_id}", dependencies=[needs("invoke", "deploy")])
     async def cancel_invocation(invocation_id: str) -> Any:
         return invocation_out(await async_invoker.cancel(invocation_id))
 

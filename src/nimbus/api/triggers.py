@@ -18,6 +18,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from nimbus.api.scopes import needs
 from nimbus.errors import InvalidParameterValue, ResourceConflict, ResourceNotFound
 from nimbus.functions import Functions
 from nimbus.models import Version
@@ -91,12 +92,17 @@ def triggers_router(
     # two concurrent changes cannot lose each other's trigger.
     lock = asyncio.Lock()
 
-    @router.get("/v1/functions/{name}/triggers")
+    @router.get("/v1/functions/{name}/triggers", dependencies=[needs("read")])
     async def list_triggers(name: str) -> Any:
         version = functions.current(name)
         return _json({"triggers": _describe(runner, events, version)})
 
-    @router.post("/v1/functions/{name}/triggers", status_code=201, openapi_extra=_TRIGGER_BODY)
+    @router.post(
+        "/v1/functions/{name}/triggers",
+        status_code=201,
+        openapi_extra=_TRIGGER_BODY,
+        dependencies=[needs("deploy")],
+    )
     async def add_trigger(name: str, request: Request) -> Any:
         """Body: one trigger, as in ``nimbus.yaml`` (``type`` defaults to ``schedule``)."""
         functions.current(name)  # 404 before looking at the body
@@ -130,7 +136,7 @@ def triggers_router(
         added = [t for t in _describe(runner, events, record.current) if t["name"] == trigger]
         return _json({"function": name, "version": record.current.number, "trigger": added[0]}, 201)
 
-    @router.delete("/v1/functions/{name}/triggers/{trigger}")
+    @router.delete("/v1/functions/{name}/triggers/{trigger}", dependencies=[needs("deploy")])
     async def remove_trigger(name: str, trigger: str) -> Any:
         async with lock:
             existing = [dict(t) for t in functions.current(name).spec.triggers]

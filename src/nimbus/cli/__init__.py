@@ -17,6 +17,7 @@ the commands that use them, so ``nimbus invoke`` starts fast in scripts.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -24,8 +25,8 @@ from urllib.parse import urlsplit
 import typer
 from typer.core import TyperGroup
 
-from nimbus.cli import functions, invocations, logs, scaffold, server, triggers
-from nimbus.cli.common import DEFAULT_URL, CliError, State, print_error
+from nimbus.cli import functions, invocations, keys, logs, scaffold, server, triggers
+from nimbus.cli.common import DEFAULT_URL, CliError, State, api_key, print_error
 from nimbus.errors import NimbusError
 
 __all__ = ["CliError", "app", "main"]
@@ -75,6 +76,15 @@ def _root(
             help="The Nimbus server to talk to.",
         ),
     ] = DEFAULT_URL,
+    api_key_file: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key-file",
+            envvar="NIMBUS_API_KEY_FILE",
+            help="A file holding the API key (else NIMBUS_API_KEY, then "
+            "~/.config/nimbus/api-key, then the local data dir's admin.key).",
+        ),
+    ] = None,
     _show_version: Annotated[
         bool,
         typer.Option(
@@ -88,7 +98,7 @@ def _root(
         raise CliError(f"invalid --url {url!r}: expected http://HOST:PORT")
     # A transport given by the caller (tests) survives; the URL comes from --url.
     transport = ctx.obj.transport if isinstance(ctx.obj, State) else None
-    ctx.obj = State(url=url, transport=transport)
+    ctx.obj = State(url=url, transport=transport, api_key=api_key(os.environ, api_key_file))
 
 
 app.command("init")(scaffold.init)
@@ -101,6 +111,7 @@ app.command("logs")(logs.logs)
 app.command("up")(server.up)
 app.add_typer(invocations.app, name="invocations")
 app.add_typer(triggers.app, name="triggers")
+app.add_typer(keys.app, name="keys")
 
 
 def main() -> None:

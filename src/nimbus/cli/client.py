@@ -118,13 +118,19 @@ class Upload:
 class Client:
     """Talks to one Nimbus server. Use as a context manager (it holds a connection pool)."""
 
-    def __init__(self, url: str, *, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
+        headers = {"user-agent": "nimbus-cli"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
         self._http = httpx.Client(
-            base_url=self.url,
-            transport=transport,
-            timeout=DEFAULT_TIMEOUT,
-            headers={"user-agent": "nimbus-cli"},
+            base_url=self.url, transport=transport, timeout=DEFAULT_TIMEOUT, headers=headers
         )
 
     def __enter__(self) -> Client:
@@ -171,6 +177,17 @@ class Client:
         on_step: StepCallback | None = None,
     ) -> dict[str, Any]:
         return self._upload("PUT", _function_path(name), upload, on_progress, on_sent, on_step)
+
+    # -- keys --------------------------------------------------------------
+    def create_key(self, name: str, scopes: list[str]) -> dict[str, Any]:
+        return self._json(self._send("POST", "/v1/keys", json={"name": name, "scopes": scopes}))
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        keys = self._json(self._send("GET", "/v1/keys")).get("keys")
+        return [k for k in keys if isinstance(k, dict)] if isinstance(keys, list) else []
+
+    def revoke_key(self, key_id: str) -> None:
+        self._send("DELETE", "/v1/keys/" + quote(key_id, safe=""))
 
     def delete_function(self, name: str) -> None:
         self._send("DELETE", _function_path(name))

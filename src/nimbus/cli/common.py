@@ -6,8 +6,10 @@ runs in scripts, so rich and httpx are imported by the commands that need them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -54,6 +56,8 @@ class State:
 
     url: str
     transport: httpx.BaseTransport | None = None
+    #: The API key sent with every request (see :func:`api_key`).
+    api_key: str | None = None
 
 
 def state(ctx: typer.Context) -> State:
@@ -68,7 +72,31 @@ def open_client(ctx: typer.Context) -> Client:
     from nimbus.cli.client import Client
 
     st = state(ctx)
-    return Client(st.url, transport=st.transport)
+    return Client(st.url, transport=st.transport, api_key=st.api_key)
+
+
+def api_key(environ: Mapping[str, str], key_file: str | None = None) -> str | None:
+    """The key the CLI sends: ``NIMBUS_API_KEY``; else the file ``--api-key-file`` (or
+    ``NIMBUS_API_KEY_FILE``) names; else ``$XDG_CONFIG_HOME/nimbus/api-key``; else, on
+    the machine that runs ``nimbus up`` with the default data dir, its ``admin.key``
+    when this user can read it (what ``make up`` then ``nimbus deploy`` needs)."""
+    from nimbus.config import default_data_dir
+
+    if environ.get("NIMBUS_API_KEY"):
+        return environ["NIMBUS_API_KEY"].strip()
+    if key_file:
+        try:
+            return Path(key_file).read_text().strip()
+        except OSError as e:
+            raise CliError(f"cannot read the API key file {key_file}: {e.strerror}") from None
+    config = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "nimbus"
+    data = Path(environ.get("NIMBUS_DATA_DIR") or default_data_dir(environ))
+    for path in (config / "api-key", data / "admin.key"):
+        try:
+            return path.read_text().strip()
+        except OSError:
+            continue
+    return None
 
 
 def print_error(message: str) -> None:

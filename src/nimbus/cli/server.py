@@ -217,6 +217,30 @@ def up(
             show_default="localhost",
         ),
     ] = None,
+    admin_key_file: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NIMBUS_ADMIN_KEY_FILE",
+            help="A file with the bootstrap admin key (NIMBUS_ADMIN_KEY gives it directly); "
+            "default: made at first start in the data dir's admin.key.",
+        ),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            envvar="NIMBUS_INSECURE_NO_AUTH",
+            help="Serve the control plane without API keys (loopback addresses only).",
+        ),
+    ] = False,
+    tls_cert: Annotated[
+        str | None,
+        typer.Option(envvar="NIMBUS_TLS_CERT", help="TLS certificate chain (PEM) to serve HTTPS."),
+    ] = None,
+    tls_key: Annotated[
+        str | None,
+        typer.Option(envvar="NIMBUS_TLS_KEY", help="The TLS certificate's private key (PEM)."),
+    ] = None,
     outbound_allow: Annotated[
         str | None,
         typer.Option(
@@ -270,6 +294,10 @@ def up(
         account_id=account_id,
         function_domain=function_domain,
         outbound_allow=outbound_allow,
+        admin_key_file=admin_key_file,
+        insecure_no_auth=insecure_no_auth or None,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     from nimbus.server import serve
 

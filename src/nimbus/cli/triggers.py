@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import typer
 
-from nimbus.cli.common import CliError, age, listing, parse_time, print_table, state
+from nimbus.cli.common import CliError, age, listing, open_client, parse_time, print_table
 from nimbus.errors import InvalidParameterValue
 
 if TYPE_CHECKING:
@@ -38,10 +38,7 @@ class CatchUp(Enum):
 
 
 def _client(ctx: typer.Context) -> Client:
-    from nimbus.cli.client import Client
-
-    st = state(ctx)
-    return Client(st.url, transport=st.transport)
+    return open_client(ctx)
 
 
 def _path(name: str, trigger: str | None = None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 import orjson
@@ -29,9 +29,19 @@ _FAILED = orjson.dumps({"message": "Internal Server Error"})
 _TIMED_OUT = orjson.dumps({"message": "Endpoint request timed out"})
 
 
+#: Checks that a request may call a function (``name``, the request's ASGI headers);
+#: raises a NimbusError (401, 403, 404) when it may not.
+Authorize = Callable[[str, Iterable[tuple[bytes, bytes]]], None]
+
+
+def anyone(_name: str, _headers: Iterable[tuple[bytes, bytes]]) -> None:
+    return None
+
+
 class Gateway:
-    def __init__(self, invoker: Invoker) -> None:
+    def __init__(self, invoker: Invoker, *, authorize: Authorize = anyone) -> None:
         self._invoker = invoker
+        self._authorize = authorize
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         """``/function/{name}[/{path}]``: the function, mounted under that prefix."""
@@ -48,6 +58,7 @@ class Gateway:
         try:
             if not name:
                 raise ResourceNotFound("no function named in the path: use /function/{name}")
+            self._authorize(name, scope["headers"])
             body = await read_body(scope, receive, self._invoker.max_payload)
             trace = trace_of(scope) or new_trace_id()
             event = build_event(

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from nimbus.asyncinvoke import AsyncInvoker, check_callback_url, check_idempotency_key
+from nimbus.auth.edge import require_scope
 from nimbus.errors import (
     InvalidParameterValue,
     NimbusError,
@@ -27,7 +28,7 @@ from nimbus.errors import (
     headers_of,
     status_of,
 )
-from nimbus.gateway.app import JSON, Scope, read_body, send_response
+from nimbus.gateway.app import JSON, Authorize, Scope, anyone, read_body, send_response
 from nimbus.gateway.events import build_event
 from nimbus.queue import Invocation
 
@@ -87,8 +88,9 @@ def is_event_invoke(scope: Scope) -> bool:
 
 
 class AsyncGateway:
-    def __init__(self, async_invoker: AsyncInvoker) -> None:
+    def __init__(self, async_invoker: AsyncInvoker, *, authorize: Authorize = anyone) -> None:
         self._async = async_invoker
+        self._authorize = authorize
 
     async def invoke_event(self, scope: Scope, receive: Any, send: Any) -> None:
         """The fast path for Event invokes (see :func:`is_event_invoke`): what the API route
@@ -97,6 +99,7 @@ class AsyncGateway:
         try:
             if not name or "/" in name:
                 raise ResourceNotFound("no such route")
+            require_scope(scope, "invoke")  # the edge authenticated it; the route's scope
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             invocation, created = await accept_event(
                 self._async, name, headers, lambda limit: read_body(scope, receive, limit)
@@ -119,6 +122,7 @@ class AsyncGateway:
             if not name:
                 raise ResourceNotFound("no function named in the path: use /async-function/{name}")
             self._async.function(name)  # 404 before reading a body
+            self._authorize(name, scope["headers"])
             callback = key = None
             for header, value in scope["headers"]:
                 if header == b"x-callback-url":
