@@ -15,6 +15,9 @@ PY=$ROOT/.venv/bin/python
 OLD=${1:?usage: bench/ab_commits.sh <old commit> [<new commit>]}
 NEW=${2:-}
 TMP=$(mktemp -d /tmp/nimbus-ab.XXXXXX)
+# The control plane needs a key since API keys landed; a version from before ignores it.
+NIMBUS_ADMIN_KEY=nmb_ab_$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+export NIMBUS_ADMIN_KEY
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -36,7 +39,7 @@ start() { # src port data
 }
 deploy() { # src port name keep_warm
   PYTHONPATH=$1 $PY - "$2" "$3" "$4" <<'PY'
-import json, sys
+import json, os, sys
 from pathlib import Path
 import httpx, yaml
 from nimbus.packaging import package_directory
@@ -45,7 +48,8 @@ d = Path("bench/functions/hello")
 spec = yaml.safe_load((d / "nimbus.yaml").read_text())
 spec.update(name=name, scaling={"min": 0, "max": 16, "keep_warm": keep_warm})
 r = httpx.post(f"http://127.0.0.1:{port}/v1/functions", data={"spec": json.dumps(spec)},
-               files={"code": ("c.zip", package_directory(d), "application/zip")}, timeout=120)
+               files={"code": ("c.zip", package_directory(d), "application/zip")}, timeout=120,
+               headers={"authorization": "Bearer " + os.environ["NIMBUS_ADMIN_KEY"]})
 r.raise_for_status()
 PY
 }

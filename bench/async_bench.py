@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -44,6 +45,8 @@ from nimbus.packaging import package_directory
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 HOST = "127.0.0.1"
+#: The node's admin key (NIMBUS_ADMIN_KEY), new each run.
+ADMIN_KEY = "nmb_bench_" + secrets.token_urlsafe(24)
 
 PARKED = """import time
 
@@ -59,6 +62,7 @@ LUA = """wrk.method = "POST"
 wrk.body = '{"source": "bench", "detail": {"n": 1, "text": "hello world"}}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["X-Nimbus-Invocation-Type"] = "Event"
+wrk.headers["Authorization"] = "Bearer %s"
 """
 
 
@@ -113,7 +117,8 @@ class Server:
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = data.parent / "nimbus-async-bench.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=auth)
 
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -125,6 +130,7 @@ class Server:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=dict(os.environ, NIMBUS_ADMIN_KEY=ADMIN_KEY),
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -185,7 +191,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nimbus-async-bench-") as tmp_name:
         tmp = Path(tmp_name)
         script = tmp / "event.lua"
-        script.write_text(LUA)
+        script.write_text(LUA % ADMIN_KEY)
         server = Server(tmp / "data")
         server.start()
         try:

@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -72,6 +73,8 @@ DIRECT_N = 2000  # sequential round trips per layer in bench/direct_invoke.py
 #: The node under granian: ASGI, one worker, uvloop, as `nimbus up` runs uvicorn.
 GRANIAN_ARGS = ["--interface", "asgi", "--factory", "--loop", "uvloop", "--workers", "1"]
 HOST = "127.0.0.1"
+#: The nodes' admin key (NIMBUS_ADMIN_KEY), new each run; the control plane needs it.
+ADMIN_KEY = "nmb_bench_" + secrets.token_urlsafe(24)
 EXPECTED_BODY = '{"hello":"world"}'
 
 WRK_THREADS = 1
@@ -606,7 +609,7 @@ class Nimbus:
             name = "nimbus-server.log" if not extra else "nimbus-server-2.log"
         self.log_path = RESULTS / name
         self.log_path.unlink(missing_ok=True)
-        env = dict(os.environ)
+        env = dict(os.environ, NIMBUS_ADMIN_KEY=ADMIN_KEY)
         if server == "granian":
             env["NIMBUS_DATA_DIR"] = str(self.data_dir)
             argv = [str(Path(sys.executable).with_name("granian")), *GRANIAN_ARGS]
@@ -616,7 +619,8 @@ class Nimbus:
             argv = [sys.executable, "-m", "nimbus", "up", "--host", HOST]
             argv += ["--port", str(self.port), "--data-dir", str(self.data_dir), *extra]
         self.proc = Proc(f"nimbus ({server})", argv, self.log_path, env)
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=auth)
 
     def wait(self) -> None:
         wait_http(self.proc, f"{self.url}/healthz")
@@ -845,7 +849,10 @@ def run_all(tmp: Path) -> dict[str, Any]:
         # -- one connection: gateway vs API invoke (peers stopped) -------------------------------
         log(f"nimbus: one-connection latency, gateway and API, {SOLO_SECONDS} s each")
         script = tmp / "invoke.lua"
-        script.write_text('wrk.method = "POST"\nwrk.body = "{}"\n')
+        script.write_text(
+            f'wrk.method = "POST"\nwrk.body = "{{}}"\n'
+            f'wrk.headers["Authorization"] = "Bearer {ADMIN_KEY}"\n'
+        )
         out["solo_gateway"] = wrk(url, conns=1, seconds=SOLO_SECONDS)
         invoke_url = f"{nimbus.url}/v1/functions/hello/invoke"
         out["solo_api"] = wrk(invoke_url, conns=1, seconds=SOLO_SECONDS, script=script)
