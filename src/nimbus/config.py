@@ -102,6 +102,19 @@ class Settings:
     async_retention: float = 86400.0
     max_zip_bytes: int = 50 * 1024 * 1024
     max_unpacked_bytes: int = 250 * 1024 * 1024
+    max_zip_entries: int = 50_000
+    #: What code and dependency layers may take on this node together (0: no limit);
+    #: Lambda's default is 75 GB per account.
+    max_code_storage_bytes: int = 75 * 1024**3
+    #: The listener (nimbus.listener): request line and headers (bytes, fields), seconds
+    #: for them to arrive and between body chunks, connections open at once (0: derived
+    #: from the open-files limit) and from one client address.
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 0
+    max_connections_per_client: int = 512
     #: Captured output kept per invocation (then truncated with a marker), and per function.
     max_log_bytes_per_invocation: int = 10 * 1024 * 1024
     max_log_records_per_function: int = 100_000
@@ -151,6 +164,17 @@ class Settings:
                 raise InvalidParameterValue(f"{name} must be at least 1")
             if getattr(self, name) < 0:
                 raise InvalidParameterValue(f"{name} must not be negative")
+        for name in ("max_zip_entries", "max_header_bytes", "max_headers"):
+            if getattr(self, name) < 1:
+                raise InvalidParameterValue(f"{name} must be at least 1")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise InvalidParameterValue(f"{name} must be more than 0 seconds")
+        if self.max_connections < 0 or self.max_connections_per_client < 1:
+            raise InvalidParameterValue(
+                "max_connections must not be negative and max_connections_per_client must be "
+                "at least 1"
+            )
         if self.max_async_concurrency < 0:
             raise InvalidParameterValue("max_async_concurrency must not be negative")
         if self.async_retention < 0:

@@ -95,6 +95,21 @@ class RequestTooLarge(NimbusError):
     status = 413
 
 
+class CodeStorageExceeded(NimbusError):
+    """Code and layers would take more than the node allows (Lambda's
+    CodeStorageExceededException)."""
+
+    code = "CodeStorageExceeded"
+    status = 400
+
+
+class IncompleteRequest(NimbusError):
+    """The client went away before its request's body was all sent: nothing is run."""
+
+    code = "IncompleteRequest"
+    status = 400
+
+
 class TooManyRequests(NimbusError):
     code = "TooManyRequests"
     status = 429

@@ -73,6 +73,10 @@ class Functions:
         self._records: dict[str, FunctionRecord] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._listeners: list[Callable[[str], None]] = []
+        #: Deploys between their code put and their publish: no collection meanwhile.
+        self._publishing = 0
+        self._not_collecting = asyncio.Event()
+        self._not_collecting.set()
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(name)`` (synchronously) after ``name`` is published or deleted."""
@@ -218,6 +222,28 @@ class Functions:
                 await self._on_delete(name)
         self._locks.pop(name, None)
 
+    async def collect_garbage(self) -> tuple[int, int]:
+        """Remove code and layers no version of any function references, and none a
+        running instance uses: ``(trees, bytes)``. Skipped while a deploy is on its way
+        (it may hold code no version names yet); the next collection gets it."""
+        if self._publishing:
+            return 0, 0
+        self._not_collecting.clear()
+        try:
+            keep = await self._store.referenced()
+            for inst in self._scheduler.instances():
+                keep.add(inst.version.code_sha256)
+                if inst.version.layer_sha256:
+                    keep.add(inst.version.layer_sha256)
+            code = await asyncio.to_thread(self._code.collect, keep)
+            layers = await asyncio.to_thread(self._layers.collect, keep)
+        finally:
+            self._not_collecting.set()
+        trees, freed = code[0] + layers[0], code[1] + layers[1]
+        if trees:
+            log.info("collected %d unused code trees and layers (%d bytes)", trees, freed)
+        return trees, freed
+
     async def _publish(
         self,
         spec: FunctionSpec,
@@ -228,6 +254,32 @@ class Functions:
         skip_unchanged: bool = False,
         force: bool = False,
         progress: Progress = _quiet,
+    ) -> FunctionRecord:
+        await self._not_collecting.wait()
+        self._publishing += 1
+        try:
+            return await self._publish_version(
+                spec,
+                zip_path,
+                current,
+                create=create,
+                skip_unchanged=skip_unchanged,
+                force=force,
+                progress=progress,
+            )
+        finally:
+            self._publishing -= 1
+
+    async def _publish_version(
+        self,
+        spec: FunctionSpec,
+        zip_path: Path | None,
+        current: Version | None,
+        *,
+        create: bool,
+        skip_unchanged: bool,
+        force: bool,
+        progress: Progress,
     ) -> FunctionRecord:
         if self._check is not None:
             self._check(spec)

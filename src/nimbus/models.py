@@ -11,7 +11,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nimbus.errors import InvalidParameterValue
 
@@ -125,6 +132,9 @@ class FunctionSpec(BaseModel):
     memory: int = 128
     timeout: float = 30
     environment: dict[str, str] = Field(default_factory=dict)
+    #: Variables whose values are secrets (``nimbus secrets set``): ``{VARIABLE: secret
+    #: name}``. Only the function's instances ever see the values.
+    secrets: dict[str, str] = Field(default_factory=dict)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     network: Literal["none", "egress"] = "none"
     #: Who may call the function through the gateway: anyone (``none``, as a Lambda
@@ -186,6 +196,31 @@ class FunctionSpec(BaseModel):
                 f"variables take {size} bytes; the limit is {MAX_ENVIRONMENT_BYTES} (as on Lambda)"
             )
         return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        from nimbus.auth.secrets import SECRET_NAME_RE
+
+        for key, name in v.items():
+            if not ENV_KEY_RE.fullmatch(key):
+                raise ValueError(f"{key!r} is not a valid variable name")
+            if key in RESERVED_ENV or key.startswith("AWS_LAMBDA_"):
+                raise ValueError(f"{key!r} is set by Nimbus and cannot be overridden")
+            if not isinstance(name, str) or not SECRET_NAME_RE.fullmatch(name):
+                raise ValueError(
+                    f"{key}: {name!r} is not a secret name (letters, digits, '.', '_', '-')"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _secrets_apart_from_environment(self) -> FunctionSpec:
+        both = sorted(set(self.secrets) & set(self.environment))
+        if both:
+            raise ValueError(
+                f"{', '.join(both)} is set in both 'environment' and 'secrets'; keep one"
+            )
+        return self
 
     @field_validator("triggers")
     @classmethod

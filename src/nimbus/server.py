@@ -2,8 +2,8 @@
 
 :class:`Nimbus` owns the lifecycle (open stores, load functions, start the
 autoscaler; on shutdown stop accepting, let in-flight invocations finish,
-kill every instance). :func:`serve` runs it under uvicorn (uvloop + httptools)
-for ``nimbus up``.
+kill every instance). :func:`serve` runs it under uvicorn (uvloop + httptools,
+with :mod:`nimbus.listener`'s limits) for ``nimbus up``.
 """
 
 from __future__ import annotations
@@ -24,15 +24,24 @@ import orjson
 from fastapi import FastAPI
 
 from nimbus.api import build_api
+from nimbus.api.bodycap import capped
 from nimbus.api.keys import keys_router
 from nimbus.api.scopes import PUBLIC, check_routes
+from nimbus.api.secrets import secrets_router
 from nimbus.api.triggers import triggers_router
 from nimbus.asyncinvoke import AsyncInvoker
 from nimbus.auth.crypto import load_node_key
 from nimbus.auth.edge import PRINCIPAL, Edge
-from nimbus.auth.keys import KeyRing, SqliteKeyStore
+from nimbus.auth.keys import DEFAULT_TENANT, KeyRing, SqliteKeyStore
+from nimbus.auth.secrets import Secrets, SqliteSecretStore
 from nimbus.config import Settings, is_loopback
-from nimbus.errors import NimbusError, ServiceException, Unauthorized, headers_of
+from nimbus.errors import (
+    InvalidParameterValue,
+    NimbusError,
+    ServiceException,
+    Unauthorized,
+    headers_of,
+)
 from nimbus.executor.core import Executor, Launcher
 from nimbus.executor.sandbox.baseroot import BaseRoot
 from nimbus.functions import Functions, read_spec_file
@@ -46,6 +55,7 @@ from nimbus.observability.metrics import Metrics
 from nimbus.outbound import OutboundPolicy, check_url
 from nimbus.packaging import CodeStore, LayerStore, package_directory
 from nimbus.packaging.builder import Builder
+from nimbus.packaging.zips import human_size
 from nimbus.queue import SqliteQueue
 from nimbus.runtimes.registry import available_runtimes
 from nimbus.scheduling import Scheduler
@@ -66,15 +76,25 @@ class Nimbus:
         runtimes = available_runtimes()
         account = Account(settings.region, settings.account_id)
         data.mkdir(parents=True, exist_ok=True)
+        node_key = load_node_key(data / "node.key")
         if settings.insecure_no_auth:
             self.keys: KeyRing | None = None
         else:
-            self.keys = KeyRing(SqliteKeyStore(data / "keys.db"), load_node_key(data / "node.key"))
+            self.keys = KeyRing(SqliteKeyStore(data / "keys.db"), node_key)
+        self.secrets = Secrets(SqliteSecretStore(data / "secrets.db"), node_key)
         self.edge = Edge(self.keys)
         self.admin_key_path: Path | None = None
         # Read now, so that a key that cannot be read stops `nimbus up` with one line.
         self._admin_secret = self._admin_key() if self.keys is not None else ""
         self.outbound = OutboundPolicy.parse(settings.outbound_allow)
+        # The largest body a control-plane route takes (a code zip, or a sync invoke's
+        # event), plus room for a multipart upload's other fields.
+        self._collector: asyncio.Task[None] | None = None
+        self._api_body_limit = max(settings.max_zip_bytes, settings.max_sync_payload) + (1 << 20)
+        self._api_body_what = (
+            f"what the API takes (code zips up to {human_size(settings.max_zip_bytes)}, "
+            f"events up to {human_size(settings.max_sync_payload)})"
+        )
         if isolation is None:
             isolation = build_isolation(settings)
         launcher = isolation.launcher
@@ -86,6 +106,8 @@ class Nimbus:
             data,
             max_zip_bytes=settings.max_zip_bytes,
             max_unpacked_bytes=settings.max_unpacked_bytes,
+            max_entries=settings.max_zip_entries,
+            max_storage_bytes=settings.max_code_storage_bytes,
             python=next(iter(runtimes.values())).executable,
         )
         self.layers = LayerStore(
@@ -100,6 +122,7 @@ class Nimbus:
             max_log_bytes=settings.max_log_bytes_per_invocation,
             max_result=settings.max_sync_payload,
             account=account,
+            secret_env=self._secret_env,
         )
         self.scheduler = Scheduler(
             self.executor,
@@ -173,6 +196,9 @@ class Nimbus:
             function_domain=settings.function_domain,
         )
         self.api.include_router(triggers_router(self.functions, self.schedules, self.events))
+        self.api.include_router(
+            secrets_router(self.secrets, self.users_of_secret, self.secret_changed)
+        )
         if self.keys is not None:
             self.api.include_router(keys_router(self.keys))
         check_routes(self.api)  # a route without a scope is a bug: refuse to start
@@ -201,7 +227,9 @@ class Nimbus:
             if is_event_invoke(scope):
                 await self.async_gateway.invoke_event(scope, receive, send)
             else:
-                await self.api(scope, receive, send)
+                await capped(
+                    self.api, scope, receive, send, self._api_body_limit, self._api_body_what
+                )
         else:
             await self.api(scope, receive, send)
 
@@ -214,10 +242,36 @@ class Nimbus:
         """What this node allows beyond the spec's own rules: file triggers under the
         allowed roots, destination URLs that reach public addresses."""
         check_watch_paths(spec.triggers, self.settings.watch_roots, self.settings.data_dir)
+        missing = self.secrets.missing(DEFAULT_TENANT, spec.secrets.values())
+        if missing:
+            raise InvalidParameterValue(
+                f"secrets: {', '.join(repr(m) for m in missing)} "
+                f"{'does' if len(missing) == 1 else 'do'} not exist; create "
+                f"{'it' if len(missing) == 1 else 'them'} first with 'nimbus secrets set NAME'"
+            )
         for field in ("on_success", "on_failure", "dead_letter"):
             target = getattr(spec.async_, field)
             if target is not None and not target.startswith("function:"):
                 check_url(target, f"async.{field}", self.outbound)
+
+    def _secret_env(self, version: Version) -> dict[str, str]:
+        """The variables an instance of ``version`` gets from secrets, read at its start."""
+        return self.secrets.resolve(DEFAULT_TENANT, version.spec.secrets)
+
+    def users_of_secret(self, name: str) -> list[str]:
+        """Functions whose current version reads secret ``name``."""
+        return sorted(
+            r.name for r in self.functions.all() if name in r.current.spec.secrets.values()
+        )
+
+    async def secret_changed(self, name: str) -> list[str]:
+        """A secret's value changed: the functions using it replace their instances (idle
+        ones and zygotes now, busy ones when they finish), so every later start reads it."""
+        users = self.users_of_secret(name)
+        for function in users:
+            await self.executor.restart(function)
+            self.scheduler.drain(function)
+        return users
 
     async def _verify(self, version: Version) -> bytes | None:
         """A deploy's verdict: the error of the version's init, or None."""
@@ -225,9 +279,11 @@ class Nimbus:
         return failed.body if failed is not None else None
 
     async def _on_delete(self, name: str) -> None:
-        """A function was deleted: its launcher state, and its queued invocations, go."""
+        """A function was deleted: its launcher state, its queued invocations and the
+        code no other version uses go."""
         await self.executor.forget(name)
         await self.async_invoker.delete_function(name)
+        await self.functions.collect_garbage()
 
     def _instance_counts(self) -> Iterable[tuple[str, str, int]]:
         for record in self.functions.all():
@@ -246,9 +302,13 @@ class Nimbus:
         if self.keys is not None:
             await self.keys.open()
             await self.keys.bootstrap_admin(self._admin_secret)
+        await self.secrets.open()
         await self.store.open()
         await self.logs.open()
         await self.functions.load()
+        self.code.clear_tmp()  # a crash's leftovers: nothing is in progress yet
+        await self.functions.collect_garbage()
+        self._collector = asyncio.get_running_loop().create_task(self._collect_every(600.0))
         self.scheduler.start()
         await self.async_invoker.start()
         for db in data.glob("*.db*"):  # SQLite gives its -wal and -shm the db's mode
@@ -278,7 +338,21 @@ class Nimbus:
             raise ServiceException(f"the admin key in {path} is too short (16 characters at least)")
         return key
 
+    async def _collect_every(self, seconds: float) -> None:
+        """Collect unused code now and then (what a deleted function's last instances
+        still held when it was deleted, say)."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.functions.collect_garbage()
+            except Exception:  # a full disk, a permission: the next round may do better
+                log.exception("collecting unused code failed")
+
     async def stop(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
         await self.events.close()
         if self.keys is not None:
             await self.keys.close()
@@ -288,6 +362,7 @@ class Nimbus:
         await self.executor.close()
         await self.logs.close()
         await self.store.close()
+        await self.secrets.close()
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -461,6 +536,8 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
     """Run a node until SIGTERM/SIGINT (blocking): ``nimbus up``."""
     import uvicorn
 
+    from nimbus.listener import Limits, connection_cap, protocol_class
+
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -510,12 +587,20 @@ def serve(settings: Settings, *, deploy: Sequence[Path] = ()) -> None:
                     flush=True,
                 )
 
+    limits = Limits(
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        max_connections=connection_cap(settings.max_connections),
+        max_connections_per_client=settings.max_connections_per_client,
+    )
     config = uvicorn.Config(
         node,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(limits),
         lifespan="on",
         access_log=False,
         log_level=settings.log_level,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.support import FIXTURES, NimbusServer, make_zip, zip_of
+from tests.support import FIXTURES, NimbusServer, make_zip, running, zip_of
 
 
 def error_of(r: object) -> tuple[int, str, str]:
@@ -152,8 +153,6 @@ def test_bad_code_is_rejected(server: NimbusServer, code: bytes, needle: str) ->
 
 def test_oversized_zip_is_rejected(tmp_path: Path, server: NimbusServer) -> None:
     # Random bytes do not compress: a 51 MB zip.
-    import os
-
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         z.writestr("app.py", "def handler(e, c):\n    return 1\n")
@@ -223,3 +222,49 @@ def test_openapi_and_health(server: NimbusServer) -> None:
     assert "nimbus_invocations_total" in metrics or "nimbus_instances" in metrics
     r = server.client.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "ResourceNotFound"
+
+
+APP_OF = "def handler(event, context):\n    return {{'which': {which!r}}}\n"
+
+
+def test_deleting_a_function_removes_code_no_other_function_uses(server: NimbusServer) -> None:
+    spec = {"runtime": "python3.11", "handler": "app.handler"}
+    own = server.create(
+        {**spec, "name": "gc-own"}, make_zip({"app.py": APP_OF.format(which="own").encode()})
+    ).json()["code_sha256"]
+    shared_zip = make_zip({"app.py": APP_OF.format(which="shared").encode()})
+    shared = server.create({**spec, "name": "gc-a"}, shared_zip).json()["code_sha256"]
+    assert server.create({**spec, "name": "gc-b"}, shared_zip).status_code == 201
+    for name in ("gc-own", "gc-a"):
+        assert server.client.delete(f"/v1/functions/{name}").status_code == 204
+    assert not (server.data_dir / "code" / own).exists()
+    assert not (server.data_dir / "blobs" / "sha256" / own).exists()
+    assert (server.data_dir / "code" / shared).is_dir()  # gc-b still uses it
+    assert server.invoke("gc-b").json() == {"which": "shared"}
+
+
+def test_code_storage_is_capped_and_a_restart_clears_leftovers(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    args = ["--insecure-no-sandbox", "--max-code-storage-bytes", str(300_000)]
+    spec = {"runtime": "python3.11", "handler": "app.handler"}
+
+    def code(tag: str) -> bytes:  # ~100 KB that does not compress
+        return make_zip(
+            {"app.py": APP_OF.format(which=tag).encode(), "blob.bin": os.urandom(100_000)}
+        )
+
+    with running(data, args=args) as s:
+        assert s.create({**spec, "name": "cap-a"}, code("a")).status_code == 201
+        r = s.create({**spec, "name": "cap-b"}, code("b"))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "CodeStorageExceeded"
+        assert "code storage is full" in r.json()["error"]["message"]
+        assert s.client.get("/v1/functions/cap-b").status_code == 404
+        assert s.client.delete("/v1/functions/cap-a").status_code == 204
+        assert s.create({**spec, "name": "cap-b"}, code("b")).status_code == 201
+    crashed = data / "tmp" / "code-0123456789ab-crashed"
+    crashed.mkdir(parents=True)
+    (crashed / "half.py").write_text("half")
+    with running(data, args=args) as s:
+        assert not crashed.exists()
+        assert s.invoke("cap-b").json() == {"which": "b"}

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from nimbus.errors import (
+    CodeStorageExceeded,
     DependencyInstallError,
     InvalidParameterValue,
     RequestTooLarge,
@@ -29,7 +30,13 @@ from nimbus.packaging import CodeStore, LayerStore, has_requirements, package_di
 from nimbus.packaging.builder import HostBuilder, pip_environment
 from nimbus.packaging.code import remove_tree
 from nimbus.packaging.layers import check_requirements
-from nimbus.packaging.zips import check_entries, extract, human_size
+from nimbus.packaging.zips import (
+    MAX_DEPTH,
+    check_entries,
+    declared_entries,
+    extract,
+    human_size,
+)
 
 MB = 1 << 20
 CACHE_TAG = sys.implementation.cache_tag
@@ -339,6 +346,79 @@ def test_extract_counts_actual_bytes(tmp_path: Path) -> None:
             extract(zf, entries, dest, max_unpacked_bytes=5000)
     assert "more than 4.9 KB" in e.value.message
     assert "'b.bin'" in e.value.message
+
+
+def test_the_entry_count_is_read_from_the_end_record(tmp_path: Path) -> None:
+    small = write_zip(tmp_path / "small.zip", [(f"f{i}", b"") for i in range(3)])
+    with small.open("rb") as fp:
+        assert declared_entries(fp) == 3
+    # Past 65,535 entries the count lives in the zip64 end record.
+    big = write_zip(tmp_path / "big.zip", [(f"{i}", b"") for i in range(0x10000 + 5)])
+    with big.open("rb") as fp:
+        assert declared_entries(fp) == 0x10000 + 5
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"not a zip at all" * 100)
+    with junk.open("rb") as fp:
+        assert declared_entries(fp) is None
+
+
+def test_too_many_entries_are_refused_before_they_are_read(root: Path, tmp_path: Path) -> None:
+    many = write_zip(
+        tmp_path / "many.zip", [("app.py", b"")] + [(f"e/{i}", b"") for i in range(50)]
+    )
+    with pytest.raises(InvalidParameterValue) as e:
+        make_store(root, max_entries=20).put(many)
+    assert e.value.message.startswith("code zip has 51 entries; the limit is 20")
+    assert leftovers(root) == []
+
+
+def test_entries_deeper_than_the_limit_are_refused(root: Path, tmp_path: Path) -> None:
+    ok = "/".join(["d"] * (MAX_DEPTH - 1)) + "/x.py"
+    make_store(root).put(write_zip(tmp_path / "ok.zip", [(ok, b"")]))
+    deep = "/".join(["d"] * MAX_DEPTH) + "/x.py"
+    with pytest.raises(InvalidParameterValue) as e:
+        make_store(root).put(write_zip(tmp_path / "deep.zip", [(deep, b"")]))
+    assert f"is {MAX_DEPTH + 1} levels deep; the limit is {MAX_DEPTH}" in e.value.message
+
+
+def test_collect_removes_what_is_not_kept_and_nothing_else(root: Path, tmp_path: Path) -> None:
+    store = make_store(root)
+    kept = store.put(write_zip(tmp_path / "a.zip", HELLO))
+    gone = store.put(write_zip(tmp_path / "b.zip", [*HELLO, ("extra.py", b"x = 1\n")]))
+    count, freed = store.collect({kept})
+    assert count == 1 and freed > 0
+    assert store.path(kept).is_dir() and (root / "blobs/sha256" / kept).is_file()
+    assert not store.path(gone).exists() and not (root / "blobs/sha256" / gone).exists()
+    assert leftovers(root) == [f"code/{kept}", f"blobs/sha256/{kept}"]
+    # Put again after its collection: unpacked afresh.
+    assert store.put(write_zip(tmp_path / "b.zip", [*HELLO, ("extra.py", b"x = 1\n")])) == gone
+    assert (store.path(gone) / "extra.py").is_file()
+
+
+def test_a_put_over_the_storage_limit_is_refused_and_leaves_nothing(
+    root: Path, tmp_path: Path
+) -> None:
+    store = make_store(root, max_storage_bytes=3 * MB)
+    first = store.put(write_zip(tmp_path / "a.zip", [("app.py", b""), ("a.bin", os.urandom(MB))]))
+    assert 2 * MB <= store.usage() < 3 * MB  # the zip and its tree
+    with pytest.raises(CodeStorageExceeded) as e:
+        store.put(write_zip(tmp_path / "b.zip", [("app.py", b""), ("b.bin", os.urandom(MB))]))
+    assert "code storage is full" in e.value.message
+    assert leftovers(root) == [f"code/{first}", f"blobs/sha256/{first}"]
+    # Once the first is collected there is room again.
+    store.collect(set())
+    store.put(write_zip(tmp_path / "b.zip", [("app.py", b""), ("b.bin", os.urandom(MB))]))
+
+
+def test_clear_tmp_removes_a_crashed_deploys_leftovers(root: Path, tmp_path: Path) -> None:
+    store = make_store(root)
+    kept = store.put(write_zip(tmp_path / "a.zip", HELLO))
+    half = root / "tmp" / "code-0123456789ab-x" / "tree"
+    half.mkdir(parents=True)
+    (half / "app.py").write_text("half")
+    os.chmod(half, 0o555)
+    store.clear_tmp()
+    assert leftovers(root) == [f"code/{kept}", f"blobs/sha256/{kept}"]
 
 
 def test_human_size() -> None:

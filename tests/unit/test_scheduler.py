@@ -236,6 +236,34 @@ def test_retire_stops_idle_now_and_busy_on_release_and_refuses_waiters() -> None
     asyncio.run(run())
 
 
+def test_drain_replaces_every_instance_without_refusing_anyone() -> None:
+    async def run() -> None:
+        s, ex, _ = make()
+        v1 = version(number=1, max=3)
+        busy = await s.acquire(v1)
+        idle = await s.acquire(v1)
+        ex.gate = asyncio.Event()  # a third one is starting when the drain comes
+        starting = asyncio.create_task(s.acquire(v1))
+        await asyncio.sleep(0)
+        s.release(idle)
+        s.drain("f")
+        await asyncio.sleep(0)
+        assert idle.stopped and not busy.stopped
+        # The same version keeps serving: a new request gets a new instance.
+        ex.gate.set()
+        late = await starting
+        fresh = await s.acquire(v1)
+        assert fresh not in (busy, idle, late) and not fresh.stopped
+        for inst in (busy, late):  # both began before the drain: they serve, then stop
+            s.release(inst)
+        s.release(fresh)
+        await asyncio.sleep(0)
+        assert busy.stopped and late.stopped and not fresh.stopped
+        assert await s.acquire(v1) is fresh
+
+    asyncio.run(run())
+
+
 def test_waiter_that_times_out_after_being_served_gives_instance_back() -> None:
     async def run() -> None:
         s, _ex, _ = make(queue_timeout=5)

@@ -27,7 +27,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nimbus.api.invocations import invocation_type, invocations_router
-from nimbus.api.scopes import needs
+from nimbus.api.scopes import REDACTED, may_deploy, needs
 from nimbus.asyncinvoke import AsyncInvoker
 from nimbus.errors import (
     InvalidParameterValue,
@@ -154,21 +154,24 @@ def build_api(
         return _error(ServiceException(f"internal error: {type(e).__name__}"))
 
     # -- helpers ---------------------------------------------------------------------------
-    def public_spec(spec: FunctionSpec) -> dict[str, Any]:
-        """The spec as shown: broker URLs without their passwords."""
+    def public_spec(spec: FunctionSpec, *, reveal: bool = True) -> dict[str, Any]:
+        """The spec as shown: broker URLs without their passwords; the environment's values
+        only to a reader who may deploy (``reveal``)."""
         data = spec.model_dump(mode="json")
         data["triggers"] = [trigger_view(t) for t in data["triggers"]]
+        if not reveal:
+            data["environment"] = {k: REDACTED for k in data["environment"]}
         return data
 
     def function_out(
-        record: FunctionRecord, versions: list[Version] | None = None
+        record: FunctionRecord, versions: list[Version] | None = None, *, reveal: bool = True
     ) -> dict[str, Any]:
         v = record.current
         counts = scheduler.counts(record.name)
         out: dict[str, Any] = {
             "name": record.name,
             "version": v.number,
-            "spec": public_spec(v.spec),
+            "spec": public_spec(v.spec, reveal=reveal),
             "code_sha256": v.code_sha256,
             "layer_sha256": v.layer_sha256,
             "created_at": _iso(record.created_at),
@@ -325,13 +328,14 @@ def build_api(
         return await deploying(request, 200, code, run)
 
     @app.get("/v1/functions", tags=["functions"], dependencies=[needs("read")])
-    async def list_functions() -> Any:
-        return {"functions": [function_out(r) for r in functions.all()]}
+    async def list_functions(request: Request) -> Any:
+        reveal = may_deploy(request)
+        return {"functions": [function_out(r, reveal=reveal) for r in functions.all()]}
 
     @app.get("/v1/functions/{name}", tags=["functions"], dependencies=[needs("read")])
-    async def get_function(name: str) -> Any:
+    async def get_function(request: Request, name: str) -> Any:
         record = functions.get(name)
-        return function_out(record, await functions.versions(name))
+        return function_out(record, await functions.versions(name), reveal=may_deploy(request))
 
     @app.delete(
         "/v1/functions/{name}", status_code=204, tags=["functions"], dependencies=[needs("deploy")]

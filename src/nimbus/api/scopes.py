@@ -17,7 +17,10 @@ from nimbus.auth import Principal, Scope
 from nimbus.auth.edge import PRINCIPAL
 from nimbus.errors import AccessDenied, Unauthorized
 
-__all__ = ["PRINCIPAL", "PUBLIC", "check_routes", "needs", "route_scopes"]
+__all__ = ["PRINCIPAL", "PUBLIC", "REDACTED", "check_routes", "may_deploy", "needs", "route_scopes"]
+
+#: What a reader without the deploy scope sees for each environment value.
+REDACTED = "(redacted)"
 
 #: Routes anyone may call.
 PUBLIC = frozenset({"/healthz"})
@@ -39,6 +42,12 @@ def needs(*scopes: Scope) -> Any:
 
     check.nimbus_scopes = scopes  # type: ignore[attr-defined]
     return Depends(check)
+
+
+def may_deploy(request: Request) -> bool:
+    """Whether the request's key may see what deployers see (environment values)."""
+    principal = request.scope.get(PRINCIPAL)
+    return isinstance(principal, Principal) and principal.may("deploy")
 
 
 def route_scopes(app: FastAPI) -> dict[tuple[str, str], tuple[str, ...]]:

@@ -19,21 +19,19 @@ until tenants exist).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar, get_args
 
 from nimbus.auth.crypto import NodeKey
 from nimbus.errors import InvalidParameterValue, ResourceNotFound
+from nimbus.store.sqlitefile import SqliteFile
 
 __all__ = [
     "ADMIN_ID",
@@ -273,34 +271,17 @@ class SqliteKeyStore:
     """Keys in ``keys.db`` (WAL, synchronous=FULL), one worker thread."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
-        self._db: sqlite3.Connection | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nimbus-keys")
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        self._file = SqliteFile(path, _SCHEMA, thread_name="nimbus-keys")
 
     async def open(self) -> None:
-        def connect() -> None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
-            self._db = db
-
-        await self._run(connect)
+        await self._file.open()
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await self._run(db.close)
-        self._pool.shutdown(wait=True)
+        await self._file.close()
 
     async def load(self) -> list[KeyRecord]:
-        def q() -> list[KeyRecord]:
-            assert self._db is not None
-            rows = self._db.execute(
+        def q(db: sqlite3.Connection) -> list[KeyRecord]:
+            rows = db.execute(
                 "SELECT id, name, tenant, scopes, digest, sealed, created_at, revoked_at FROM keys"
             ).fetchall()
             return [
@@ -308,12 +289,11 @@ class SqliteKeyStore:
                 for r in rows
             ]
 
-        return await self._run(q)
+        return await self._file.run(q)
 
     async def put(self, record: KeyRecord) -> None:
-        def w() -> None:
-            assert self._db is not None
-            self._db.execute(
+        def w(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT OR REPLACE INTO keys (id, name, tenant, scopes, digest, sealed,"
                 " created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -328,4 +308,4 @@ class SqliteKeyStore:
                 ),
             )
 
-        await self._run(w)
+        await self._file.run(w)

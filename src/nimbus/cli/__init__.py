@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import typer
 from typer.core import TyperGroup
 
-from nimbus.cli import functions, invocations, keys, logs, scaffold, server, triggers
+from nimbus.cli import functions, invocations, keys, logs, scaffold, secrets, server, triggers
 from nimbus.cli.common import DEFAULT_URL, CliError, State, api_key, print_error
 from nimbus.errors import NimbusError
 
@@ -112,6 +112,7 @@ app.command("up")(server.up)
 app.add_typer(invocations.app, name="invocations")
 app.add_typer(triggers.app, name="triggers")
 app.add_typer(keys.app, name="keys")
+app.add_typer(secrets.app, name="secrets")
 
 
 def main() -> None:

@@ -189,6 +189,17 @@ class Client:
     def revoke_key(self, key_id: str) -> None:
         self._send("DELETE", "/v1/keys/" + quote(key_id, safe=""))
 
+    def set_secret(self, name: str, value: str) -> dict[str, Any]:
+        path = "/v1/secrets/" + quote(name, safe="")
+        return self._json(self._send("PUT", path, json={"value": value}))
+
+    def list_secrets(self) -> list[dict[str, Any]]:
+        found = self._json(self._send("GET", "/v1/secrets")).get("secrets")
+        return [k for k in found if isinstance(k, dict)] if isinstance(found, list) else []
+
+    def delete_secret(self, name: str) -> None:
+        self._send("DELETE", "/v1/secrets/" + quote(name, safe=""))
+
     def delete_function(self, name: str) -> None:
         self._send("DELETE", _function_path(name))
 

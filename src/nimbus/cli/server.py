@@ -250,6 +250,70 @@ def up(
             show_default="none",
         ),
     ] = None,
+    max_zip_entries: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_MAX_ZIP_ENTRIES",
+            help="Entries a code zip may hold.",
+            show_default="50000",
+        ),
+    ] = None,
+    max_code_storage_bytes: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_MAX_CODE_STORAGE_BYTES",
+            help="What code and dependency layers may take together (0: no limit).",
+            show_default="75 GiB",
+        ),
+    ] = None,
+    max_header_bytes: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_MAX_HEADER_BYTES",
+            help="Bytes of request line and headers, else 431.",
+            show_default="65536",
+        ),
+    ] = None,
+    max_headers: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_MAX_HEADERS",
+            help="Header fields a request may have, else 431.",
+            show_default="100",
+        ),
+    ] = None,
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(
+            envvar="NIMBUS_HEADER_TIMEOUT",
+            help="Seconds a request's headers may take to arrive, else 408.",
+            show_default="10",
+        ),
+    ] = None,
+    body_timeout: Annotated[
+        float | None,
+        typer.Option(
+            envvar="NIMBUS_BODY_TIMEOUT",
+            help="Seconds a request body may pause, else 408.",
+            show_default="30",
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_MAX_CONNECTIONS",
+            help="Connections open at once (0: from the open-files limit).",
+            show_default="0",
+        ),
+    ] = None,
+    max_connections_per_client: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_MAX_CONNECTIONS_PER_CLIENT",
+            help="Connections open at once from one address.",
+            show_default="512",
+        ),
+    ] = None,
     deploy: Annotated[
         list[Path] | None,
         typer.Option(
@@ -298,6 +362,14 @@ def up(
         insecure_no_auth=insecure_no_auth or None,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        max_zip_entries=max_zip_entries,
+        max_header_bytes=max_header_bytes,
+        max_code_storage_bytes=max_code_storage_bytes,
+        max_headers=max_headers,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
     )
     from nimbus.server import serve
 

@@ -14,7 +14,7 @@ import contextlib
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -108,8 +108,10 @@ class Executor:
         max_log_bytes: int,
         max_result: int = 6 * 1024 * 1024,
         account: Account | None = None,
+        secret_env: Callable[[Version], Mapping[str, str]] | None = None,
     ) -> None:
         self._launcher = launcher
+        self._secret_env = secret_env
         self._account = account or Account()
         self._runtimes = runtimes
         self._code_path = code_path
@@ -174,6 +176,8 @@ class Executor:
             sandboxed=self._launcher.sandboxed,
             initialization="snap-start" if as_zygote or zygote_of else "on-demand",
         )
+        if spec.secrets and self._secret_env is not None:
+            env.update(self._secret_env(version))  # read now: a changed value is seen
         if self._launcher.spec_over_socket:
             # Waits in the socket's buffer (a few KB at most) until the instance reads it.
             parent.sendall(
@@ -418,11 +422,16 @@ class Executor:
         zygote = getattr(self._launcher, "zygote", None)
         return bool(zygote is not None and zygote.alive)
 
-    async def forget(self, function: str) -> None:
-        """A function was deleted: its zygotes stop, and the launcher drops what it kept."""
+    async def restart(self, function: str) -> None:
+        """Stop ``function``'s zygotes, so that the next instance starts afresh (its
+        environment read again)."""
         for key, zygote in list(self._zygotes.items()):
             if key[0] == function:
                 self._stop_zygote(zygote)
+
+    async def forget(self, function: str) -> None:
+        """A function was deleted: its zygotes stop, and the launcher drops what it kept."""
+        await self.restart(function)
         forget = getattr(self._launcher, "forget", None)
         if forget is not None:
             await forget(function)

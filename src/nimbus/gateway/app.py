@@ -16,7 +16,14 @@ from typing import Any
 
 import orjson
 
-from nimbus.errors import NimbusError, RequestTooLarge, ResourceNotFound, headers_of, status_of
+from nimbus.errors import (
+    IncompleteRequest,
+    NimbusError,
+    RequestTooLarge,
+    ResourceNotFound,
+    headers_of,
+    status_of,
+)
 from nimbus.gateway.events import build_event, build_response
 from nimbus.invoke import Invoker, new_trace_id
 from nimbus.models import InvokeContext
@@ -114,7 +121,11 @@ def function_host(scope: Scope, suffix: bytes) -> str | None:
 
 
 async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before reading it all."""
+    """The request body, refusing (413) anything over ``limit`` bytes before reading it all.
+
+    A body cut short (the client closed the connection, or the listener timed it out)
+    is :class:`IncompleteRequest`, never a shorter body.
+    """
     for key, value in scope["headers"]:
         if key == b"content-length":
             try:
@@ -129,7 +140,7 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] != "http.request":  # http.disconnect
-            break
+            raise IncompleteRequest(f"the request ended after {size} bytes of its body")
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)

@@ -6,6 +6,10 @@ Layout under the data directory::
     code/<hex>/            its contents, compiled to .pyc, read-only (files 0444/0555, dirs 0555)
     tmp/                   work in progress; renamed into place atomically
 
+What no version references any more is collected (:meth:`CodeStore.collect`): a
+tree is renamed into ``tmp/`` first, so it is never seen half removed. With a
+storage limit, a put that would take code and layers past it is refused.
+
 A ``code/<hex>`` directory is either absent or complete: it is built in ``tmp/``
 and appears with one ``rename``. Two puts of the same zip race harmlessly: the
 loser sees the winner's directory and throws its own copy away.
@@ -13,6 +17,7 @@ loser sees the winner's directory and throws its own copy away.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,8 +29,20 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from nimbus.errors import InvalidParameterValue, RequestTooLarge, ResourceNotFound
-from nimbus.packaging.zips import check_entries, extract, too_large
+from nimbus.errors import (
+    CodeStorageExceeded,
+    InvalidParameterValue,
+    RequestTooLarge,
+    ResourceNotFound,
+)
+from nimbus.packaging.zips import (
+    check_entries,
+    check_entry_count,
+    declared_entries,
+    extract,
+    human_size,
+    too_large,
+)
 
 __all__ = ["CodeStore", "make_read_only", "publish_tree", "remove_tree"]
 
@@ -79,6 +96,34 @@ def remove_tree(path: Path) -> None:
         log.warning("could not remove %s: %s", path, e)
 
 
+def tree_bytes(path: Path) -> int:
+    """The bytes of the regular files under ``path`` (their apparent sizes)."""
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def discard_tree(path: Path, tmp: Path) -> int:
+    """Remove a published tree without its ever being seen half gone: renamed into
+    ``tmp`` (atomic), then removed. Its bytes, or 0 if it was not there."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    doomed = tmp / f"gc-{path.name[:16]}-{os.urandom(4).hex()}"
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return 0
+    size = tree_bytes(doomed)
+    remove_tree(doomed)
+    return size
+
+
 def publish_tree(tree: Path, target: Path) -> None:
     """Make ``tree`` read-only and rename it to ``target`` atomically.
 
@@ -99,13 +144,27 @@ class CodeStore:
     """Validated, content-addressed, read-only function code (see the module docstring)."""
 
     def __init__(
-        self, root: Path, *, max_zip_bytes: int, max_unpacked_bytes: int, python: str
+        self,
+        root: Path,
+        *,
+        max_zip_bytes: int,
+        max_unpacked_bytes: int,
+        python: str,
+        max_entries: int = 50_000,
+        max_storage_bytes: int = 0,
     ) -> None:
+        """``max_storage_bytes``: what code (zips and trees) and dependency layers may
+        take together on this node (0: no limit)."""
         self._blobs = root / "blobs" / "sha256"
         self._code = root / "code"
+        self._layers = root / "layers"
         self._tmp = root / "tmp"
+        self._max_storage_bytes = max_storage_bytes
+        #: Bytes of each stored tree (code/<sha> with its zip, layers/<key>), measured once.
+        self._sizes: dict[Path, int] = {}
         self._max_zip_bytes = max_zip_bytes
         self._max_unpacked_bytes = max_unpacked_bytes
+        self._max_entries = max_entries
         self._python = python
 
     def path(self, sha256: str) -> Path:
@@ -141,7 +200,7 @@ class CodeStore:
                     out.write(chunk)
             sha = digest.hexdigest()
             if not self.path(sha).is_dir():
-                self._unpack(copy, sha)
+                self._unpack(copy, sha, copied)
             blob = self._blobs / sha
             if not blob.exists():
                 os.chmod(copy, 0o444)
@@ -150,18 +209,82 @@ class CodeStore:
         finally:
             copy.unlink(missing_ok=True)
 
-    def _unpack(self, zip_path: Path, sha: str) -> None:
+    def usage(self) -> int:
+        """Bytes taken by code and layers (each tree measured the first time it is seen)."""
+        total = 0
+        present: set[Path] = set()
+        for directory in (self._code, self._layers):
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                path = Path(entry.path)
+                present.add(path)
+                if path not in self._sizes:
+                    blob = self._blobs / entry.name if directory == self._code else None
+                    extra = blob.stat().st_size if blob is not None and blob.exists() else 0
+                    self._sizes[path] = tree_bytes(path) + extra
+                total += self._sizes[path]
+        for gone in set(self._sizes) - present:
+            self._sizes.pop(gone, None)
+        return total
+
+    def collect(self, keep: set[str]) -> tuple[int, int]:
+        """Remove every zip and tree whose sha256 is not in ``keep``: ``(count, bytes)``.
+        Blocking. The caller makes sure no deploy is between its put and its publish."""
+        count = freed = 0
+        for tree in list(self._code.iterdir()) if self._code.is_dir() else []:
+            if tree.name in keep or not _HEX.fullmatch(tree.name):
+                continue
+            freed += discard_tree(tree, self._tmp)
+            count += 1
+            self._sizes.pop(tree, None)
+        for blob in list(self._blobs.iterdir()) if self._blobs.is_dir() else []:
+            if blob.name in keep or not _HEX.fullmatch(blob.name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                freed += blob.stat().st_size
+                blob.unlink()
+        return count, freed
+
+    def clear_tmp(self) -> None:
+        """Remove what an earlier run left in ``tmp/`` (only when nothing is in progress:
+        at start)."""
+        for entry in list(self._tmp.iterdir()) if self._tmp.is_dir() else []:
+            remove_tree(entry)
+
+    def _check_room(self, adding: int) -> None:
+        if not self._max_storage_bytes:
+            return
+        used = self.usage()
+        if used + adding > self._max_storage_bytes:
+            raise CodeStorageExceeded(
+                f"code storage is full: this code needs {human_size(adding)}, and code and "
+                f"dependency layers already take {human_size(used)} of "
+                f"{human_size(self._max_storage_bytes)}; delete functions that are no longer "
+                "used (the operator can raise --max-code-storage-bytes)"
+            )
+
+    def _unpack(self, zip_path: Path, sha: str, zip_bytes: int) -> None:
         work = Path(tempfile.mkdtemp(prefix=f"code-{sha[:12]}-", dir=self._tmp))
         try:
             tree = work / "tree"
             tree.mkdir()
+            with open(zip_path, "rb") as fp:
+                declared = declared_entries(fp)
+            if declared is not None:
+                check_entry_count(declared, self._max_entries)
             try:
                 zf = zipfile.ZipFile(zip_path)
             except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
                 raise InvalidParameterValue(f"code is not a valid zip file ({e})") from e
             with zf:
-                entries = check_entries(zf, max_unpacked_bytes=self._max_unpacked_bytes)
+                entries = check_entries(
+                    zf, max_unpacked_bytes=self._max_unpacked_bytes, max_entries=self._max_entries
+                )
                 extract(zf, entries, tree, max_unpacked_bytes=self._max_unpacked_bytes)
+            self._check_room(zip_bytes + tree_bytes(tree))
             py_files = sum(1 for e in entries if e.path.endswith(".py"))
             if py_files:
                 self._compile(tree, parallel=py_files >= _PARALLEL_COMPILE_FILES)

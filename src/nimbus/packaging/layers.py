@@ -28,7 +28,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from nimbus.errors import InvalidParameterValue
 from nimbus.outbound import OutboundPolicy, check_url
 from nimbus.packaging.builder import Builder
-from nimbus.packaging.code import check_hex, publish_tree, remove_tree
+from nimbus.packaging.code import check_hex, discard_tree, publish_tree, remove_tree
 
 __all__ = ["LayerStore", "check_requirements", "has_requirements"]
 
@@ -244,6 +244,16 @@ class LayerStore:
             if not target.is_dir():
                 await self._build(_normalised(requirements), target, progress or _ignore)
         return key
+
+    def collect(self, keep: set[str]) -> tuple[int, int]:
+        """Remove every layer whose key is not in ``keep``: ``(count, bytes)``. Blocking."""
+        count = freed = 0
+        for layer in list(self._layers.iterdir()) if self._layers.is_dir() else []:
+            if layer.name in keep or len(layer.name) != 64:
+                continue
+            freed += discard_tree(layer, self._tmp)
+            count += 1
+        return count, freed
 
     async def _build(
         self, requirements: str, target: Path, progress: Callable[[str], None]

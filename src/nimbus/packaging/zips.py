@@ -3,9 +3,12 @@
 An uploaded zip is hostile until proven otherwise. :func:`check_entries` reads
 only the central directory and rejects anything that could write outside the
 unpack directory (absolute paths, ``..``, backslashes), anything that is not a
-plain file or directory (symlinks, devices, FIFOs, sockets), duplicates, and a
-declared total size over the limit. :func:`extract` then counts the bytes it
-actually writes, so a header that understates a size cannot zip-bomb the disk.
+plain file or directory (symlinks, devices, FIFOs, sockets), duplicates, paths
+deeper than :data:`MAX_DEPTH`, and a declared total size over the limit; before
+that, :func:`declared_entries` reads the entry count from the zip's end record, so a
+zip of millions of entries is refused before Python builds a record for each.
+:func:`extract` then counts the bytes it actually writes, so a header that
+understates a size cannot zip-bomb the disk.
 
 :func:`package_directory` is the other direction, for the CLI: a deterministic
 zip of a function directory, so the same code always hashes the same.
@@ -20,18 +23,23 @@ import os
 import re
 import shutil
 import stat
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from nimbus.errors import InvalidParameterValue
 
 __all__ = [
     "EXCLUDED_DIRS",
     "EXCLUDED_FILES",
+    "MAX_DEPTH",
     "Entry",
     "check_entries",
+    "check_entry_count",
+    "declared_entries",
     "extract",
     "human_size",
     "package_directory",
@@ -89,6 +97,45 @@ def too_large(what: str, size: int, limit: int) -> str:
     return f"{what} {shown}; the limit is {shown_limit}"
 
 
+#: Directory levels an entry's path may have (Lambda's own runtimes nest far less;
+#: deeper trees only serve to exhaust the recursion of whatever walks them).
+MAX_DEPTH = 64
+_EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+
+
+def declared_entries(fp: BinaryIO) -> int | None:
+    """The entry count a zip's end of central directory record declares (zip64 too),
+    or None when there is no such record (then it is not a zip at all)."""
+    fp.seek(0, os.SEEK_END)
+    size = fp.tell()
+    start = max(0, size - (22 + 0xFFFF))
+    fp.seek(start)
+    tail = fp.read()
+    at = tail.rfind(_EOCD)
+    if at < 0 or len(tail) - at < 22:
+        return None
+    (count,) = struct.unpack_from("<H", tail, at + 10)
+    if count != 0xFFFF or at < 20 or tail[at - 20 : at - 16] != _ZIP64_LOCATOR:
+        return int(count)
+    (offset,) = struct.unpack_from("<Q", tail, at - 20 + 8)
+    fp.seek(offset)
+    record = fp.read(56)
+    if len(record) < 40 or record[:4] != _ZIP64_EOCD:
+        return None
+    (count64,) = struct.unpack_from("<Q", record, 32)
+    return int(count64)
+
+
+def check_entry_count(count: int, max_entries: int) -> None:
+    if count > max_entries:
+        raise InvalidParameterValue(
+            f"code zip has {count} entries; the limit is {max_entries} "
+            "(package fewer files, or raise --max-zip-entries)"
+        )
+
+
 def _normalise(name: str) -> str:
     if "\\" in name:
         raise InvalidParameterValue(
@@ -103,10 +150,17 @@ def _normalise(name: str) -> str:
         raise InvalidParameterValue(
             f"zip entry {name!r} contains a '..' component; entries must stay inside the zip"
         )
-    return "/".join(p for p in parts if p not in ("", "."))
+    kept = [p for p in parts if p not in ("", ".")]
+    if len(kept) > MAX_DEPTH:
+        raise InvalidParameterValue(
+            f"zip entry {name[:80]!r}… is {len(kept)} levels deep; the limit is {MAX_DEPTH}"
+        )
+    return "/".join(kept)
 
 
-def check_entries(zf: zipfile.ZipFile, *, max_unpacked_bytes: int) -> list[Entry]:
+def check_entries(
+    zf: zipfile.ZipFile, *, max_unpacked_bytes: int, max_entries: int = 50_000
+) -> list[Entry]:
     """Check every member of ``zf`` from its central directory; return them in order.
 
     Raises :class:`InvalidParameterValue` naming the first bad entry.
@@ -114,6 +168,7 @@ def check_entries(zf: zipfile.ZipFile, *, max_unpacked_bytes: int) -> list[Entry
     infos = zf.infolist()
     if not infos:
         raise InvalidParameterValue("code zip is empty")
+    check_entry_count(len(infos), max_entries)
     entries: list[Entry] = []
     seen: set[str] = set()
     files: set[str] = set()

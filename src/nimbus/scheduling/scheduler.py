@@ -41,7 +41,7 @@ class PoolCounts:
 
 
 class _Pool:
-    __slots__ = ("busy", "idle", "retired", "starting", "version", "waiters")
+    __slots__ = ("busy", "generation", "idle", "retired", "stale", "starting", "version", "waiters")
 
     def __init__(self, version: Version) -> None:
         self.version = version
@@ -51,6 +51,10 @@ class _Pool:
         self.starting = 0
         self.waiters: deque[asyncio.Future[Instance | None]] = deque()
         self.retired = False
+        #: Bumped by :meth:`Scheduler.drain`; instances of an older one are ``stale``:
+        #: they finish their invocation and stop.
+        self.generation = 0
+        self.stale: set[Instance] = set()
 
     @property
     def total(self) -> int:
@@ -149,7 +153,8 @@ class Scheduler:
         if pool is None or inst not in pool.busy:
             self._stop_in_background(inst)
             return
-        if not inst.alive or pool.retired:
+        if not inst.alive or pool.retired or inst in pool.stale:
+            pool.stale.discard(inst)
             pool.busy.discard(inst)
             self._forget(inst)
             self._stop_in_background(inst)
@@ -191,6 +196,21 @@ class Scheduler:
                     )
             if pool.total == 0:
                 del self._pools[(fname, number)]
+        self._wake_for_capacity()
+
+    def drain(self, name: str) -> None:
+        """Replace every instance of ``name`` without refusing anyone: idle instances
+        stop now, busy and starting ones after their invocation; new requests start new
+        instances (a secret they read changed, say)."""
+        for (fname, _), pool in self._pools.items():
+            if fname != name:
+                continue
+            pool.generation += 1
+            pool.stale.update(pool.busy)
+            for inst in pool.idle:
+                self._forget(inst)
+                self._stop_in_background(inst)
+            pool.idle.clear()
         self._wake_for_capacity()
 
     def counts(self, name: str) -> PoolCounts:
@@ -309,6 +329,7 @@ class Scheduler:
         if not reserved:
             pool.starting += 1
             self._total += 1
+        generation = pool.generation
         try:
             inst = await self._executor.start(pool.version)
         except BaseException:
@@ -319,6 +340,8 @@ class Scheduler:
         pool.starting -= 1
         inst.state = State.BUSY
         pool.busy.add(inst)
+        if pool.generation != generation:  # drained while it started: serve once, then stop
+            pool.stale.add(inst)
         return inst
 
     def _prewarm(self, pool: _Pool) -> None:

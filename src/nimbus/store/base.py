@@ -74,6 +74,11 @@ class FunctionStore(TriggerStateStore, Protocol):
         """Every version of a function, oldest first (``ResourceNotFound`` if none)."""
         ...
 
+    async def referenced(self) -> set[str]:
+        """Every code sha256 and layer key a version of any function names (what the
+        code and layer stores must keep)."""
+        ...
+
     async def delete(self, name: str) -> None:
         """Remove a function, all its versions and its triggers' states
         (``ResourceNotFound`` if missing)."""

@@ -70,6 +70,15 @@ class MemoryStore:
             raise ResourceNotFound(f"function {name!r} does not exist")
         return list(self._versions[name])
 
+    async def referenced(self) -> set[str]:
+        return {
+            h
+            for versions in self._versions.values()
+            for v in versions
+            for h in (v.code_sha256, v.layer_sha256)
+            if h
+        }
+
     async def delete(self, name: str) -> None:
         if name not in self._functions:
             raise ResourceNotFound(f"function {name!r} does not exist")

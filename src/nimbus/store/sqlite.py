@@ -175,6 +175,13 @@ class SqliteStore:
 
         return await self._run(q)
 
+    async def referenced(self) -> set[str]:
+        def q(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute("SELECT DISTINCT code_sha256, layer_sha256 FROM versions")
+            return {h for row in rows for h in row if h}
+
+        return await self._run(q)
+
     async def delete(self, name: str) -> None:
         def tx(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
