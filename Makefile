@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/async_bench.py
 	$(BIN)/python bench/trigger_bench.py
 	$(BIN)/python bench/environment_bench.py
+	$(BIN)/python bench/auth_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
