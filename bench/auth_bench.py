@@ -60,8 +60,8 @@ def run(seconds: int, rounds: int, conns: int) -> dict[str, Any]:
             left = nimbus.stop()
     out: dict[str, Any] = {"seconds": seconds, "rounds": rounds, "conns": conns, "left": left}
     for side, runs in sides.items():
-        if any(r.errors() for r in runs):
-            raise RuntimeError(f"{side}: errors in {[r.raw for r in runs if r.errors()]}")
+        if any(r.errors for r in runs):
+            raise RuntimeError(f"{side}: errors in {[r.raw for r in runs if r.errors]}")
         out[side] = {
             "rps": [r.rps for r in runs],
             "rps_median": statistics.median(r.rps for r in runs),
