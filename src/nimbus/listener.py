@@ -81,7 +81,7 @@ def error_response(status: int, code: str, message: str) -> bytes:
 class _LingeringTransport:
     """The transport as a request's cycle sees it: its ``close()`` lingers."""
 
-    def __init__(self, transport: asyncio.Transport, hang_up: Callable[[], None]) -> None:
+    def __init__(self, transport: Any, hang_up: Callable[[], None]) -> None:
         self._transport = transport
         self._hang_up = hang_up
 
@@ -89,7 +89,7 @@ class _LingeringTransport:
         self._transport.write(data)
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing()
+        return bool(self._transport.is_closing())
 
     def close(self) -> None:
         self._hang_up()
@@ -100,17 +100,34 @@ class _LingeringTransport:
 
 def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` enforcing ``limits``; the
-    connection counts are shared by every connection of the returned class."""
+    connection counts and the deadline sweeper are shared by its connections.
+
+    Deadlines cost a timestamp per request, not a timer: one sweep over the open
+    connections every half timeout (at most a second) finds the late ones.
+    """
     open_by_client: Counter[str] = Counter()
+    live: set[LimitedProtocol] = set()
+    sweep_every = min(1.0, limits.header_timeout / 2, limits.body_timeout / 2)
+    sweeper: list[asyncio.TimerHandle] = []
+
+    def sweep(loop: asyncio.AbstractEventLoop) -> None:
+        sweeper.clear()
+        now = loop.time()
+        for connection in list(live):
+            connection.check_deadlines(now)
+        if live:
+            sweeper.append(loop.call_later(sweep_every, sweep, loop))
 
     class LimitedProtocol(HttpToolsProtocol):
         _counted_as: str | None = None
         _refused = False
         _in_head = True
         _head_bytes = 0
-        _head_fields = 0
-        _head_timer: asyncio.TimerHandle | None = None
-        _body_timer: asyncio.TimerHandle | None = None
+        #: When the request head now awaited began (None: none awaited; keep-alive idle
+        #: is uvicorn's timer), and when the body last moved (None: no body pending).
+        _head_since: float | None = None
+        _body_since: float | None = None
+        _guarded: Any = None
         _linger: asyncio.TimerHandle | None = None
         _linger_until = 0.0
 
@@ -139,19 +156,27 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
                 return
             open_by_client[client] += 1
             self._counted_as = client
-            self._arm_head_timer()
+            self._head_since = self.loop.time()
+            live.add(self)
+            if not sweeper:
+                sweeper.append(self.loop.call_later(sweep_every, sweep, self.loop))
 
-        def _release(self) -> None:
+        def connection_lost(self, exc: Exception | None) -> None:
+            live.discard(self)
+            if self._linger is not None:
+                self._linger.cancel()
+                self._linger = None
             if self._counted_as is not None:
                 open_by_client[self._counted_as] -= 1
                 if open_by_client[self._counted_as] <= 0:
                     del open_by_client[self._counted_as]
                 self._counted_as = None
+            super().connection_lost(exc)
 
         def _refuse(self, status: int, code: str, message: str, *, linger: bool = True) -> None:
             """Answer ``status`` and close; what more arrives is dropped unread."""
             self._refused = True
-            self._cancel_timers()
+            self._head_since = self._body_since = None
             if self.cycle is not None and not self.cycle.response_complete:
                 # The app still holds a request: it reads a disconnect, its sends are
                 # dropped (uvicorn ignores sends on a disconnected cycle).
@@ -172,7 +197,7 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
             sends until it is quiet: closing with unread data makes the kernel reset the
             connection, and the client would lose the response (a "lingering close")."""
             self._refused = True
-            self._cancel_timers()
+            self._head_since = self._body_since = None
             if self.transport.is_closing() or self._linger is not None:
                 return
             if not self.transport.can_write_eof():  # TLS
@@ -186,6 +211,38 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
             if self._linger is None:  # lingering has its own clock
                 super().timeout_keep_alive_handler()
 
+        def shutdown(self) -> None:
+            self._head_since = self._body_since = None
+            super().shutdown()
+
+        # -- deadlines -------------------------------------------------------------
+
+        def check_deadlines(self, now: float) -> None:
+            if self._refused:
+                return
+            if self._head_since is not None and now - self._head_since > limits.header_timeout:
+                if self._head_bytes == 0 and (self.cycle is None or self.cycle.response_complete):
+                    self._refused = True
+                    self.transport.close()  # nothing asked: nothing to answer, nothing unread
+                    return
+                self._refuse(
+                    408,
+                    "RequestTimeout",
+                    f"the request's headers did not arrive within {limits.header_timeout:g} s",
+                )
+            elif self._body_since is not None and now - self._body_since > limits.body_timeout:
+                cycle = self.cycle
+                if cycle is None or not cycle.more_body or cycle.response_complete:
+                    self._body_since = None
+                elif self.flow.read_paused:  # the app is not reading: not the client's fault
+                    self._body_since = now
+                else:
+                    self._refuse(
+                        408,
+                        "RequestTimeout",
+                        f"the request body stopped arriving for {limits.body_timeout:g} s",
+                    )
+
         # -- the request head ----------------------------------------------------
 
         def data_received(self, data: bytes) -> None:
@@ -195,44 +252,28 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
                     delay = min(LINGER_IDLE, max(0.0, self._linger_until - self.loop.time()))
                     self._linger = self.loop.call_later(delay, self.transport.close)
                 return
-            if self._in_head:
+            if self._in_head:  # a request's head, or the first bytes of the next one
                 self._head_bytes += len(data)
+                if self._head_since is None:
+                    self._head_since = self.loop.time()
             super().data_received(data)
-            if self._in_head and self._head_bytes > limits.max_header_bytes and not self._refused:
-                self._refuse_head()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._in_head = True
-            self._head_fields = 0
-            if self._head_timer is None:
-                self._arm_head_timer()
-
-        def on_header(self, name: bytes, value: bytes) -> None:
             if self._refused:
                 return
-            self._head_fields += 1
-            if self._head_fields <= limits.max_headers:
-                super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
-            if self._refused:
-                return
-            self._in_head = False
-            self._head_bytes = 0
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-            size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
-            if self._head_fields > limits.max_headers or size > limits.max_header_bytes:
+            if self._in_head and self._head_bytes > limits.max_header_bytes:
                 self._refuse_head()
                 return
-            super().on_headers_complete()
-            self._arm_body_timer()
             cycle = self.cycle
-            if cycle is None or cycle.scope is not self.scope:
-                return  # an upgrade, or refused
-            cycle.transport = _LingeringTransport(self.transport, self._hang_up)  # type: ignore[assignment]
+            if cycle is not None and cycle.more_body and self._guarded is not cycle:
+                self._guard(cycle)
+
+        def _guard(self, cycle: Any) -> None:
+            """A request whose body is still on its way (its app has not run yet: it
+            starts once this callback returns). Answered before the body is in, it says
+            ``connection: close``, and the close lingers."""
+            self._guarded = cycle
+            if cycle.response_started:
+                return
+            cycle.transport = _LingeringTransport(self.transport, self._hang_up)
             send = cycle.send
 
             async def send_closing_early(message: Any) -> None:
@@ -240,7 +281,23 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
                     cycle.keep_alive = False  # answered before the body came: close after
                 await send(message)
 
-            cycle.send = send_closing_early  # type: ignore[method-assign]
+            cycle.send = send_closing_early
+
+        def on_headers_complete(self) -> None:
+            if self._refused:
+                return
+            self._in_head = False
+            self._head_since = None
+            if len(self.headers) > limits.max_headers or (
+                self._head_bytes > limits.max_header_bytes  # this read held body bytes too?
+                and len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+                > limits.max_header_bytes
+            ):
+                self._refuse_head()
+                return
+            self._head_bytes = 0
+            self._body_since = self.loop.time()
+            super().on_headers_complete()
 
         def _refuse_head(self) -> None:
             self._refuse(
@@ -248,23 +305,6 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
                 "RequestHeaderFieldsTooLarge",
                 f"the request line and headers are over the limit of "
                 f"{limits.max_header_bytes} bytes or {limits.max_headers} fields",
-            )
-
-        def _arm_head_timer(self) -> None:
-            self._head_timer = self.loop.call_later(limits.header_timeout, self._head_timed_out)
-
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            if not self._in_head or self._refused:
-                return
-            if self._head_bytes == 0 and (self.cycle is None or self.cycle.response_complete):
-                self._refused = True
-                self.transport.close()  # nothing asked: nothing to answer, nothing unread
-                return
-            self._refuse(
-                408,
-                "RequestTimeout",
-                f"the request's headers did not arrive within {limits.header_timeout:g} s",
             )
 
         # -- the body ------------------------------------------------------------
@@ -277,54 +317,15 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
                 # read the rest of it only to throw it away.
                 self._hang_up()
                 return
+            self._body_since = self.loop.time()
             super().on_body(body)
-            self._arm_body_timer()
 
         def on_message_complete(self) -> None:
             if self._refused:
                 return
-            if self._body_timer is not None:
-                self._body_timer.cancel()
-                self._body_timer = None
+            self._body_since = None
             self._in_head = True
             self._head_bytes = 0
             super().on_message_complete()
-
-        def _arm_body_timer(self) -> None:
-            if self._body_timer is not None:
-                self._body_timer.cancel()
-            self._body_timer = self.loop.call_later(limits.body_timeout, self._body_timed_out)
-
-        def _body_timed_out(self) -> None:
-            self._body_timer = None
-            cycle = self.cycle
-            if self._refused or cycle is None or not cycle.more_body or cycle.response_complete:
-                return
-            if self.flow.read_paused:  # the app is not reading: not the client's fault
-                self._arm_body_timer()
-                return
-            self._refuse(
-                408,
-                "RequestTimeout",
-                f"the request body stopped arriving for {limits.body_timeout:g} s",
-            )
-
-        def _cancel_timers(self) -> None:
-            for timer in (self._head_timer, self._body_timer):
-                if timer is not None:
-                    timer.cancel()
-            self._head_timer = self._body_timer = None
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._linger is not None:
-                self._linger.cancel()
-                self._linger = None
-            self._release()
-            self._cancel_timers()
-            super().connection_lost(exc)
-
-        def shutdown(self) -> None:
-            self._cancel_timers()
-            super().shutdown()
 
     return LimitedProtocol
