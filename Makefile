@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## make bench: warm and cold invoke vs peers, async enqueue and throughput, message
-## triggers (NATS, Redis), the base root and a FastAPI init; see docs/benchmarks.md
+## triggers (NATS, Redis), the base root, a FastAPI init, the API key check; see docs/benchmarks.md
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[bench]'
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
