@@ -24,7 +24,6 @@ from nimbus.executor.sandbox.cgroups import (
     detect,
 )
 from nimbus.executor.sandbox.cgroups import base as base_module
-from nimbus.executor.sandbox.cgroups import v1 as v1_module
 from nimbus.executor.sandbox.cgroups import v2 as v2_module
 from nimbus.executor.sandbox.cgroups.auto import parse_mountinfo, parse_self_cgroup
 
@@ -200,41 +199,34 @@ class FakeKernel:
 
 class FreezingKernel(FakeKernel):
     """A :class:`FakeKernel` with cgroup v1's freezer: a process in a cgroup whose
-    ``freezer.state`` is FROZEN keeps a SIGKILL pending (and stays listed) until a
-    write of THAWED there, the way a frozen v1 task does. Install ``write_text`` in
-    place of the v1 driver's; ``events`` records signals and freezer writes in order."""
+    ``freezer.state`` is FROZEN keeps a SIGKILL pending (and stays listed) until it is
+    thawed (here: seen thawed at the next signal); ``events`` records each signal and
+    whether its target was frozen."""
 
     def __init__(self, tree: Path) -> None:
         super().__init__(tree)
         self.pending: set[int] = set()
         self.events: list[str] = []
-        self.real_write = base_module.write_text
 
-    def _frozen_dir_of(self, pid: int) -> Path | None:
+    def _frozen(self, pid: int) -> bool:
         for state in self.tree.rglob("freezer.state"):
             procs = state.parent / "cgroup.procs"
             frozen = state.read_text().strip() == "FROZEN"
             if frozen and procs.exists() and str(pid) in procs.read_text().split():
-                return state.parent
-        return None
+                return True
+        return False
 
     def kill(self, pid: int, sig: int) -> None:
-        self.events.append(f"kill {pid}")
-        if self._frozen_dir_of(pid) is not None:
+        for waiting in sorted(self.pending):
+            if not self._frozen(waiting):  # thawed since: its SIGKILL acts
+                self.pending.discard(waiting)
+                super().kill(waiting, sig)
+        if self._frozen(pid):
+            self.events.append(f"kill {pid} frozen")
             self.pending.add(pid)
             return
+        self.events.append(f"kill {pid}")
         super().kill(pid, sig)
-
-    def write_text(self, path: str, value: str) -> None:
-        self.real_write(path, value)
-        if Path(path).name != "freezer.state":
-            return
-        self.events.append(f"{value} {Path(path).parent.name}")
-        if value == "THAWED":
-            for pid in sorted(self.pending):
-                if self._frozen_dir_of(pid) is None:
-                    self.pending.discard(pid)
-                    super().kill(pid, 9)
 
 
 # --- detect ---------------------------------------------------------------
@@ -562,18 +554,23 @@ def test_v1_create_makes_the_freezer_cgroup_and_freeze_thaw_write_its_state(
     assert driver.frozen("fn-a") is False
 
     driver.freeze("fn-a")
-    assert (freezer / "freezer.state").read_text() == "FROZEN"
+    assert (freezer / "freezer.state").read_text().strip() == "FROZEN"
     assert driver.frozen("fn-a") is True
     # The node holds one empty cgroup frozen (the kernel's freezer stays switched on).
     held = host.own["freezer"] / "nimbus-n1-frozen"
     assert (held / "freezer.state").read_text() == "FROZEN"
+    fds = dict(driver._freezer_fds)
+    assert list(fds) == ["fn-a"]  # kept open: the next write is one syscall
 
     driver.thaw("fn-a")
-    assert (freezer / "freezer.state").read_text() == "THAWED"
+    assert (freezer / "freezer.state").read_text().strip() == "THAWED"
     assert driver.frozen("fn-a") is False
     assert (held / "freezer.state").read_text() == "FROZEN"
 
     driver.cleanup()
+    assert driver._freezer_fds == {}
+    with pytest.raises(OSError):
+        os.fstat(fds["fn-a"])  # closed
     assert not held.exists()
     assert not (host.own["freezer"] / "nimbus-n1").exists()
 
@@ -598,15 +595,12 @@ def test_v1_freeze_of_a_gone_cgroup_or_without_freezer_does_nothing(tmp_path: Pa
     assert not any((d / "freezer.state").exists() for d in dirs.values())
 
 
-def test_v1_kill_of_a_frozen_cgroup_signals_then_thaws(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_v1_kill_of_a_frozen_cgroup_signals_then_thaws(tmp_path: Path) -> None:
     host = V1Host(tmp_path, freezer=True)
     dirs = host.instance("fn-a")
     for d in dirs.values():
         (d / "cgroup.procs").write_text("900001\n900002\n")
     kernel = FreezingKernel(tmp_path)
-    monkeypatch.setattr(v1_module, "write_text", kernel.write_text)
     driver = CgroupV1(
         "n1", {c: str(p) for c, p in host.own.items()}, rmdir=kernel.rmdir, kill=kernel.kill
     )
@@ -615,9 +609,9 @@ def test_v1_kill_of_a_frozen_cgroup_signals_then_thaws(
     kernel.events.clear()
 
     driver.kill("fn-a")
-    # Both signalled while frozen (they could not fork), then thawed: they die.
-    assert sorted(kernel.events[:2]) == ["kill 900001", "kill 900002"]
-    assert kernel.events[2] == "THAWED fn-a"
+    # Both signalled while frozen (so neither could fork), then thawed: they die.
+    assert sorted(kernel.events[:2]) == ["kill 900001 frozen", "kill 900002 frozen"]
+    assert (dirs["freezer"] / "freezer.state").read_text().strip() == "THAWED"
     assert kernel.pending == set()
     assert driver.procs("fn-a") == []
     assert not driver.frozen("fn-a")
@@ -717,11 +711,11 @@ def test_v2_freeze_and_thaw_write_cgroup_freeze(tmp_path: Path) -> None:
     assert driver.frozen("fn-a") is False
 
     driver.freeze("fn-a")
-    assert (d / "cgroup.freeze").read_text() == "1"
+    assert (d / "cgroup.freeze").read_text().strip() == "1"
     (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")  # the kernel, once done
     assert driver.frozen("fn-a") is True
     driver.thaw("fn-a")
-    assert (d / "cgroup.freeze").read_text() == "0"
+    assert (d / "cgroup.freeze").read_text().strip() == "0"
 
     driver.freeze("fn-gone")  # gone (or no freezer): nothing to do, no error
     driver.thaw("fn-gone")

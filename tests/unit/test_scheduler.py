@@ -135,8 +135,10 @@ def test_an_instance_is_frozen_when_it_goes_idle_not_when_handed_to_a_waiter() -
         await asyncio.sleep(0)
         s.release(held)
         assert await waiter is held
+        await asyncio.sleep(0)
         assert held.freezes == []  # no idle moment: nothing to freeze
         s.release(held)
+        await asyncio.sleep(0)  # a loop turn later: after the caller's response
         assert held.freezes == [State.IDLE]  # frozen only once idle
 
     asyncio.run(run())
@@ -152,6 +154,7 @@ def test_a_prewarmed_instance_is_frozen_once_its_init_is_done() -> None:
                 break
             await asyncio.sleep(0)
         assert s.counts("f").idle == 1
+        await asyncio.sleep(0)  # the freeze comes a loop turn after the release
         assert ex.started[0].freezes == [State.IDLE]
 
     asyncio.run(run())

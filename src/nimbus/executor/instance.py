@@ -123,7 +123,8 @@ class Instance:
     def freeze(self) -> None:
         """Idle: stop everything the instance runs until the next :meth:`invoke` (its
         cgroup's freezer; nothing happens without one). Only an idle instance: by then
-        its last invocation's reply and output sentinel have arrived."""
+        :meth:`invoke` has its last reply and output sentinel (or gave up waiting for
+        the sentinel after a second), so that invocation's output is complete."""
         if self.state is State.IDLE and not self._frozen:
             self._frozen = True
             self.process.freeze()

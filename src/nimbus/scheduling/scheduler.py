@@ -171,7 +171,9 @@ class Scheduler:
         inst.state = State.IDLE
         inst.last_used = self._clock()
         pool.idle.append(inst)
-        inst.freeze()  # its invocation is over, output and all (Instance.invoke waited)
+        # Its invocation is over, output and all (Instance.invoke waited). Frozen a loop
+        # turn later, once the caller has written its response; skipped if it is busy again.
+        asyncio.get_running_loop().call_soon(inst.freeze)
 
     # -- lifecycle ---------------------------------------------------------------------
     def retire(self, name: str, keep: int | None = None) -> None:

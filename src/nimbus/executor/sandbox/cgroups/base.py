@@ -317,6 +317,9 @@ class TreeDriver:
         self.bases: list[str] = list(dict.fromkeys(bases))
         self._rmdir = rmdir
         self._kill = kill
+        #: An open descriptor of each instance's freezer file, by instance name: a
+        #: freeze or a thaw on the warm path is then one write(2), no path lookup.
+        self._freezer_fds: dict[str, int] = {}
 
     def _dirs(self, name: str) -> list[str]:
         check_name(name)
@@ -339,7 +342,29 @@ class TreeDriver:
     def kill(self, name: str) -> None:
         kill_loop((os.path.join(d, "cgroup.procs") for d in self._dirs(name)), self._kill)
 
+    def _write_freezer(self, name: str, path: str, value: bytes) -> None:
+        """Write ``value`` to the instance's freezer file ``path`` (kept open); nothing
+        if the cgroup is gone."""
+        fd = self._freezer_fds.get(name)
+        try:
+            if fd is None:
+                fd = self._freezer_fds[name] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            # Offset 0: cgroupfs ignores it, and a fake tree's file stays readable.
+            os.pwrite(fd, value, 0)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self._close_freezer(name)
+            if e.errno != errno.ENODEV:  # removed while open: gone too
+                raise
+
+    def _close_freezer(self, name: str) -> None:
+        fd = self._freezer_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
     def remove(self, name: str) -> bool:
+        self._close_freezer(name)
         # Try every hierarchy even when one is busy, so each gets as far as it can.
         gone = [rmdir_tree(d, self._rmdir) for d in self._dirs(name)]
         return all(gone)
@@ -360,5 +385,7 @@ class TreeDriver:
 
     def cleanup(self) -> None:
         self._clear()
+        for name in list(self._freezer_fds):
+            self._close_freezer(name)
         for base in self.bases:
             retry_until(functools.partial(rmdir_tree, base, self._rmdir), self.drain_timeout)

@@ -26,7 +26,6 @@ Standard library only: this module is imported inside the zygote.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Mapping
@@ -140,13 +139,11 @@ class CgroupV1(TreeDriver):
             ensure_dir(self._held)  # see the module's docstring
             write_text(os.path.join(self._held, "freezer.state"), "FROZEN")
             self._holding = True
-        with contextlib.suppress(FileNotFoundError):  # gone: nothing to freeze
-            write_text(self._freezer_state(name), "FROZEN")
+        self._write_freezer(name, self._freezer_state(name), b"FROZEN")
 
     def thaw(self, name: str) -> None:
         if self.freezer:
-            with contextlib.suppress(FileNotFoundError):
-                write_text(self._freezer_state(name), "THAWED")
+            self._write_freezer(name, self._freezer_state(name), b"THAWED")
 
     def frozen(self, name: str) -> bool:
         if not self.freezer:

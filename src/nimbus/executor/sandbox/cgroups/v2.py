@@ -141,12 +141,11 @@ class CgroupV2(TreeDriver):
         return os.path.exists(os.path.join(self.base, "cgroup.freeze"))
 
     def freeze(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):  # gone, or a kernel before 5.2
-            write_text(os.path.join(self._dir(name), "cgroup.freeze"), "1")
+        # Nothing if the cgroup is gone, or on a kernel before 5.2 (no cgroup.freeze).
+        self._write_freezer(name, os.path.join(self._dir(name), "cgroup.freeze"), b"1")
 
     def thaw(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            write_text(os.path.join(self._dir(name), "cgroup.freeze"), "0")
+        self._write_freezer(name, os.path.join(self._dir(name), "cgroup.freeze"), b"0")
 
     def frozen(self, name: str) -> bool:
         text = read_text(os.path.join(self._dir(name), "cgroup.events"))
