@@ -318,7 +318,7 @@ class TreeDriver:
         self._rmdir = rmdir
         self._kill = kill
         #: An open descriptor of each instance's freezer file, by instance name: a
-        #: freeze or a thaw on the warm path is then one write(2), no path lookup.
+        #: freeze or a thaw on the warm path is then one pwrite(2), no path lookup.
         self._freezer_fds: dict[str, int] = {}
 
     def _dirs(self, name: str) -> list[str]:

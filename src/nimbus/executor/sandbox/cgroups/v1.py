@@ -10,9 +10,9 @@ The freezer hierarchy is used when it is mounted (and ours to write): an
 instance's directory is made there too, ``freeze()`` writes ``FROZEN`` to its
 ``freezer.state`` (``FREEZING`` until every task is stopped) and ``thaw()``
 ``THAWED``. Without it nothing is frozen. A frozen task does not act on
-SIGKILL until it is thawed, so ``kill()`` signals every process (none can fork
-while frozen), thaws, and then repeats read-and-SIGKILL until the cgroup is
-empty (see ``base.kill_loop``).
+SIGKILL until it is thawed, so ``kill()`` signals every process (a frozen one
+cannot fork meanwhile), thaws, and then repeats read-and-SIGKILL until the
+cgroup is empty (see ``base.kill_loop``).
 
 The first ``freeze()`` also makes ``<freezer>/nimbus-<node_id>-frozen``, an
 empty cgroup that stays frozen until ``cleanup()``. The kernel switches its
