@@ -18,7 +18,7 @@ The first ``freeze()`` also makes ``<freezer>/nimbus-<node_id>-frozen``, an
 empty cgroup that stays frozen until ``cleanup()``. The kernel switches its
 freezer on and off with a static key, patching its own code on every CPU,
 whenever the first cgroup freezes or the last one thaws: measured on Linux
-6.18, a freeze or a thaw costs ~130 µs when it is the only frozen cgroup, and
+6.18, a freeze or a thaw costs 90-130 µs when it is the only frozen cgroup, and
 under 1 µs while another one is held frozen.
 
 Standard library only: this module is imported inside the zygote.
