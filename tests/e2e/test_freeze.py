@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.security.attacks import cgroup_pids, instance_cgroups, wait_until
 from tests.support import NimbusServer, instance_pids, node_cgroups, pid_alive, running
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxed instances need root")
@@ -29,28 +30,6 @@ GAP = 1.0
 #: Slack at each end of the gap: the freeze comes a loop turn after the reply, the thaw
 #: just before the next event, and the workers may tick in between.
 SLACK = 0.25
-
-
-def poll(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll until ``predicate()`` is truthy, or ``timeout``; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
-def _instance_dirs(data_dir: Path) -> list[str]:
-    found = []
-    for base in node_cgroups(data_dir):
-        if base.endswith(("-server", "-frozen")):
-            continue
-        try:
-            found += [e.path for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            continue
-    return found
 
 
 def _is_frozen(cgroup: str) -> bool:
@@ -66,17 +45,9 @@ def _is_frozen(cgroup: str) -> bool:
         return False
 
 
-def _procs(cgroup: str) -> list[int]:
-    try:
-        with open(os.path.join(cgroup, "cgroup.procs")) as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
-
-
 def frozen_instances(data_dir: Path) -> dict[str, list[int]]:
     """The node's frozen instance cgroups (v1: their freezer directory) and their pids."""
-    return {c: _procs(c) for c in _instance_dirs(data_dir) if _is_frozen(c)}
+    return {c: cgroup_pids(c) for c in instance_cgroups(data_dir) if _is_frozen(c)}
 
 
 def one_frozen(data_dir: Path, besides: Iterable[str] = ()) -> tuple[str, list[int]]:
@@ -87,7 +58,7 @@ def one_frozen(data_dir: Path, besides: Iterable[str] = ()) -> tuple[str, list[i
     def new() -> dict[str, list[int]]:
         return {c: p for c, p in frozen_instances(data_dir).items() if c not in others}
 
-    frozen = poll(new)
+    frozen = wait_until(new)
     assert len(frozen) == 1, f"expected one frozen instance, got {frozen}"
     ((cgroup, pids),) = frozen.items()
     # init, the instance, and the child its invocation forked (the thread is no process)
@@ -103,7 +74,7 @@ def start(server: NimbusServer, name: str) -> dict[str, Any]:
     return out
 
 
-def gone(data_dir: Path, cgroup: str, pids: list[int]) -> bool:
+def gone(cgroup: str, pids: list[int]) -> bool:
     return not any(pid_alive(p) for p in pids) and not os.path.exists(cgroup)
 
 
@@ -150,7 +121,7 @@ def test_delete_kills_a_frozen_instance_and_what_it_left(server: NimbusServer) -
     start(server, "frz-delete")
     cgroup, pids = one_frozen(server.data_dir, before)
     assert server.client.delete("/v1/functions/frz-delete").status_code in (200, 204)
-    assert poll(lambda: gone(server.data_dir, cgroup, pids)), (cgroup, pids)
+    assert wait_until(lambda: gone(cgroup, pids)), (cgroup, pids)
 
 
 def test_an_idle_frozen_instance_is_reaped_after_keep_warm(server: NimbusServer) -> None:
@@ -159,7 +130,7 @@ def test_an_idle_frozen_instance_is_reaped_after_keep_warm(server: NimbusServer)
     before = frozen_instances(server.data_dir)
     start(server, "frz-reap")
     cgroup, pids = one_frozen(server.data_dir, before)
-    assert poll(lambda: gone(server.data_dir, cgroup, pids)), (cgroup, pids)
+    assert wait_until(lambda: gone(cgroup, pids)), (cgroup, pids)
     r = server.client.get("/v1/functions/frz-reap")
     assert r.json()["instances"]["total"] == 0
 
@@ -179,7 +150,7 @@ def test_a_thawed_instance_still_times_out_and_runs_out_of_memory(
     cgroup, pids = one_frozen(server.data_dir, before)
     r = server.invoke(name, event)
     assert error_type in r.text, r.text
-    assert poll(lambda: gone(server.data_dir, cgroup, pids)), (cgroup, pids)
+    assert wait_until(lambda: gone(cgroup, pids)), (cgroup, pids)
     # And the function goes on: a new instance serves the next invocation.
     start(server, name)
     assert server.client.delete(f"/v1/functions/{name}").status_code in (200, 204)
@@ -193,7 +164,7 @@ def test_a_frozen_instance_dies_with_the_server(tmp_path: Path, sig: int) -> Non
         _, pids = one_frozen(s.data_dir)
         s.stop(sig)
         # SIGKILL: the zygote, told by its parent-death signal, kills (and thaws) them.
-        assert poll(lambda: not any(pid_alive(p) for p in pids)), pids
-        assert poll(lambda: not instance_pids(s.data_dir)), instance_pids(s.data_dir)
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids)), pids
+        assert wait_until(lambda: not instance_pids(s.data_dir)), instance_pids(s.data_dir)
         if sig == signal.SIGTERM:
             assert node_cgroups(s.data_dir) == []

@@ -68,9 +68,9 @@ class Children:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, code: str, procs_files: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, code: str, procs_files: list[str], *args: str) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", GATE + code],
+            [sys.executable, "-I", "-S", "-c", GATE + code, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -206,16 +206,7 @@ def ticks(path: Path) -> tuple[int, int]:
 
 def start_ticker(children: Children, path: Path, procs_files: list[str]) -> None:
     path.write_bytes(bytes(16))
-    p = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", GATE + TICKER, str(path)],
-        stdin=subprocess.PIPE,
-    )
-    children.started.append(p)
-    for f in procs_files:
-        Path(f).write_text(str(p.pid))
-    assert p.stdin is not None
-    p.stdin.write(b"go\n")
-    p.stdin.flush()
+    children.start(TICKER, procs_files, str(path))
 
 
 def test_freeze_stops_every_process_until_thawed(
