@@ -26,6 +26,10 @@ Phases:
    instance is a fork of the version's function zygote (init once); then the same
    with ``--no-function-zygotes`` (each instance imports its handler) and with
    ``--insecure-no-sandbox``, each on its own ``nimbus up``.
+
+``python bench/run.py --freeze`` runs only the warm hello on a default node and on a
+``--no-freeze-idle`` node side by side (what freezing idle instances costs), and writes
+bench/results/freeze.md.
 """
 
 from __future__ import annotations
@@ -1308,6 +1312,111 @@ def to_json(obj: Any) -> Any:
     return obj
 
 
+# -- freeze_idle on vs off (python bench/run.py --freeze) ------------------------------------------
+def freezer_write_cost(n: int = 2000) -> dict[str, float] | None:
+    """µs per write of FROZEN/THAWED to an empty cgroup v1 freezer.state: alone, and while
+    another cgroup stays frozen (what CgroupV1 holds); None without a v1 freezer here."""
+    root = Path("/sys/fs/cgroup/freezer")
+    if not (root / "cgroup.procs").exists() or os.geteuid() != 0:
+        return None
+    scratch, held = root / f"bench-{secrets.token_hex(4)}", root / f"bench-{secrets.token_hex(4)}"
+    out: dict[str, float] = {}
+    scratch.mkdir()
+    try:
+        held.mkdir()
+        fd = os.open(scratch / "freezer.state", os.O_WRONLY)
+        try:
+            for label, hold in (("alone", False), ("another_held", True)):
+                (held / "freezer.state").write_text("FROZEN" if hold else "THAWED")
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    os.write(fd, b"FROZEN")
+                    os.write(fd, b"THAWED")
+                out[label] = (time.perf_counter() - t0) / (2 * n) * 1e6
+        finally:
+            os.close(fd)
+            (held / "freezer.state").write_text("THAWED")
+    finally:
+        for d in (scratch, held):
+            with contextlib.suppress(FileNotFoundError):
+                d.rmdir()
+    return out
+
+
+def run_freeze(tmp: Path) -> dict[str, Any]:
+    """The warm hello on two nodes side by side, freeze_idle on (the default) and
+    ``--no-freeze-idle``: a warm-up each, then ``ROUNDS`` interleaved rounds at 16
+    connections and at one connection."""
+    nodes: dict[str, Nimbus] = {}
+    out: dict[str, Any] = {"runs": {}}
+    try:
+        for label, flags in (("freeze", ()), ("no-freeze", ("--no-freeze-idle",))):
+            node = nodes[label] = Nimbus(tmp, *flags)
+            node.wait()
+            node.deploy(FUNCTIONS / "hello")
+            check_body(f"nimbus {label}", f"{node.url}/function/hello")
+        for label, node in nodes.items():
+            log(f"warm-up {WARMUP_SECONDS} s: {label}")
+            wrk(f"{node.url}/function/hello", conns=WRK_CONNS, seconds=WARMUP_SECONDS)
+        labels = list(nodes)
+        for r in range(ROUNDS):
+            order = labels if r % 2 == 0 else labels[::-1]
+            for conns in (WRK_CONNS, 1):
+                for label in order:
+                    log(f"round {r + 1}/{ROUNDS}, wrk -c{conns} {WRK_SECONDS} s: {label}")
+                    url = f"{nodes[label].url}/function/hello"
+                    w = wrk(url, conns=conns, seconds=WRK_SECONDS)
+                    out["runs"].setdefault(f"{label}, c{conns}", []).append(w)
+        for label, node in nodes.items():
+            out[f"instances {label}"] = node.describe("hello")["instances"]
+    finally:
+        for label, node in nodes.items():
+            out[f"leftover {label}"] = node.stop()
+    out["freezer_write_us"] = freezer_write_cost()
+    return out
+
+
+def freeze_report(info: dict[str, str], nb: dict[str, Any]) -> str:
+    cmd = f"wrk -t{WRK_THREADS} -c<16|1> -d{WRK_SECONDS}s --latency <node>/function/hello"
+    lines = [
+        f"# freeze_idle on vs off, {info['date']}",
+        "",
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
+        f"{info['wrk']}; load average at start {info['loadavg']}, CPU busy in the second "
+        f"before {info['busy_before']} %. Nimbus HEAD {info['commit']} (uncommitted under "
+        f"src/: {info['src_dirty']}).",
+        "",
+        "Two sandboxed nodes up for the whole run, `nimbus up` and `nimbus up "
+        f"--no-freeze-idle`, the same hello; `{cmd}`, {ROUNDS} rounds, the nodes' order "
+        "alternating. Median round by req/s; p50/p99 of that round.",
+        "",
+        "| node, connections | req/s (median) | req/s per round | p50 ms | p99 ms | errors |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, runs in nb["runs"].items():
+        med = sorted(runs, key=lambda w: w.rps)[len(runs) // 2]
+        per = ", ".join(f"{w.rps:,.0f}" for w in runs)
+        errs = sum(w.errors for w in runs)
+        lines.append(
+            f"| {key} | {med.rps:,.0f} | {per} | {med.p50_ms:.3f} | {med.p99_ms:.3f} | {errs} |"
+        )
+    cost = nb.get("freezer_write_us")
+    lines.append("")
+    if cost is not None:
+        lines.append(
+            f"cgroup v1 `freezer.state` write (one FROZEN or THAWED, empty cgroup): "
+            f"{cost['alone']:.1f} µs alone, {cost['another_held']:.2f} µs while another "
+            "cgroup is held frozen."
+        )
+        lines.append("")
+    for label in ("freeze", "no-freeze"):
+        lines.append(
+            f"- {label}: instances at the end {nb[f'instances {label}']}, processes left "
+            f"after its SIGTERM: {nb[f'leftover {label}']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     if shutil.which("wrk") is None:
         print(
@@ -1320,6 +1429,15 @@ def main() -> int:
     info = machine()
     tmp = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
     RESULTS.mkdir(exist_ok=True)
+    if "--freeze" in sys.argv[1:]:
+        try:
+            text = freeze_report(info, run_freeze(tmp))
+            text += f"\nWhole run: {time.monotonic() - started:.0f} s.\n"
+            (RESULTS / "freeze.md").write_text(text)
+            print(text)
+        finally:
+            rmtree(tmp)
+        return 0
     try:
         nb = run_all(tmp)
         text = report(info, nb)

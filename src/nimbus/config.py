@@ -127,6 +127,10 @@ class Settings:
     #: Fork instances from per-version function zygotes, so a function's init runs once
     #: (sandboxed nodes; off: every instance imports its handler itself).
     function_zygotes: bool = True
+    #: Freeze an idle instance's cgroup between invocations, as Lambda freezes its
+    #: environments: nothing an invocation left running (a thread, a child) runs after
+    #: its reply. Sandboxed nodes with a cgroup freezer only (plain processes have none).
+    freeze_idle: bool = True
     #: Brokers that message triggers use when they name no ``url`` of their own
     #: (empty: the broker's standard port on 127.0.0.1).
     nats_url: str = ""

@@ -422,8 +422,8 @@ def build_isolation(settings: Settings) -> Isolation:
     if settings.insecure_no_sandbox:
         log.warning(
             "--insecure-no-sandbox: instances run as plain processes, without namespaces, "
-            "cgroups, seccomp or their own uid, and dependencies are built on the host; "
-            "never run untrusted code like this"
+            "cgroups, seccomp or their own uid (so nothing freezes them between invocations), "
+            "and dependencies are built on the host; never run untrusted code like this"
         )
         zygote = Zygote(
             python, seccomp_path=None, node_marker=marker, pool_size=settings.sandbox_pool
@@ -474,6 +474,7 @@ def build_isolation(settings: Settings) -> Isolation:
         egress=egress,
         pool_size=settings.sandbox_pool,
         function_zygotes=settings.function_zygotes,
+        freeze_idle=settings.freeze_idle,
     )
     zygote = Zygote(
         python,

@@ -1,7 +1,8 @@
 """The cgroup driver ``detect()`` picks, against the real kernel.
 
 Real child processes join real cgroups and hit real limits: the OOM killer,
-the pids cap, a kill of a whole forking tree. Every test uses a node id of
+the pids cap, a kill of a whole forking tree, the freezer (and a kill of a
+frozen tree). Every test uses a node id of
 its own, so parallel workers never share a base, and checks that nothing is
 left under the base afterwards. Only processes these tests started (and
 their descendants, inside their cgroups) are ever signalled.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -66,9 +68,9 @@ class Children:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, code: str, procs_files: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, code: str, procs_files: list[str], *args: str) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", GATE + code],
+            [sys.executable, "-I", "-S", "-c", GATE + code, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -107,7 +109,8 @@ def driver() -> Iterator[CgroupDriver]:
     assert all(os.path.isdir(b) for b in bases(d))
     yield d
     d.cleanup()
-    left = [b for b in bases(d) if os.path.exists(b)]
+    # The base(s), and v1's empty cgroup held frozen while freezing is in use.
+    left = [p for b in bases(d) for p in (b, f"{b}-frozen") if os.path.exists(p)]
     assert not left, f"cleanup left {left}"
 
 
@@ -181,6 +184,80 @@ def test_kill_takes_a_whole_forking_tree(driver: CgroupDriver, children: Childre
     assert removed(driver, "fn-forks-1")
     assert driver.procs("fn-forks-1") == []
     assert driver.remove("fn-forks-1") is True  # gone stays gone
+
+
+# A process and its child each count up in their own slot of a file: the test sees
+# whether they run without any signal or pipe between them and it.
+TICKER = (
+    "import struct\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "slot = 0 if os.fork() else 8\n"
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    "    os.pwrite(fd, struct.pack('Q', n), slot)\n"
+)
+
+
+def ticks(path: Path) -> tuple[int, int]:
+    first, second = struct.unpack("QQ", path.read_bytes()[:16])
+    return first, second
+
+
+def start_ticker(children: Children, path: Path, procs_files: list[str]) -> None:
+    path.write_bytes(bytes(16))
+    children.start(TICKER, procs_files, str(path))
+
+
+def test_freeze_stops_every_process_until_thawed(
+    driver: CgroupDriver, children: Children, tmp_path: Path
+) -> None:
+    if not driver.freezer:
+        pytest.skip("no cgroup freezer on this host")
+    name = "fn-freeze-1"
+    counter = tmp_path / "ticks"
+    start_ticker(children, counter, driver.create(name, Limits.for_memory_mb(64)))
+    assert wait_for(lambda: min(ticks(counter)) > 0)  # both run
+    assert wait_for(lambda: len(driver.procs(name)) == 2)
+
+    driver.freeze(name)
+    assert wait_for(lambda: driver.frozen(name), timeout=5)
+    stopped = ticks(counter)
+    # Frozen: for a third of a second, neither process moves at all.
+    assert not wait_for(lambda: ticks(counter) != stopped, timeout=0.3)
+    assert len(driver.procs(name)) == 2  # still there, only stopped
+
+    driver.thaw(name)
+    assert not driver.frozen(name)
+    assert wait_for(lambda: all(a > b for a, b in zip(ticks(counter), stopped, strict=True)))
+    driver.kill(name)
+    assert wait_for(lambda: driver.procs(name) == [])
+    assert removed(driver, name)
+
+
+def test_kill_takes_a_frozen_tree(driver: CgroupDriver, children: Children) -> None:
+    # On cgroup v1 a frozen process does not act on SIGKILL until it is thawed.
+    if not driver.freezer:
+        pytest.skip("no cgroup freezer on this host")
+    name = "fn-frozen-kill-1"
+    p = children.start(
+        "for _ in range(3):\n"
+        "    if os.fork() == 0:\n"
+        "        os.setsid()\n"
+        "        time.sleep(600)\n"
+        "print('forked', flush=True)\n"
+        "time.sleep(600)\n",
+        driver.create(name, Limits.for_memory_mb(64)),
+    )
+    assert p.stdout is not None and p.stdout.readline() == b"forked\n"
+    assert wait_for(lambda: len(driver.procs(name)) == 4)
+    driver.freeze(name)
+    assert wait_for(lambda: driver.frozen(name), timeout=5)
+
+    driver.kill(name)
+    assert p.wait(timeout=10) == -signal.SIGKILL
+    assert wait_for(lambda: driver.procs(name) == []), driver.procs(name)
+    assert removed(driver, name)
 
 
 def test_pids_max_caps_forks(driver: CgroupDriver, children: Children) -> None:
@@ -319,6 +396,40 @@ def test_v2_kill_and_remove_on_a_real_cgroup2(children: Children) -> None:
         assert p.wait(timeout=10) == -signal.SIGKILL
         assert wait_for(lambda: driver.procs("fn-v2-1") == [])
         assert removed(driver, "fn-v2-1")
+    finally:
+        driver.cleanup()
+    assert not os.path.exists(driver.base)
+
+
+@pytest.mark.skipif(UNIFIED is None, reason="no cgroup2 mount")
+def test_v2_freeze_thaw_and_kill_on_a_real_cgroup2(children: Children, tmp_path: Path) -> None:
+    assert UNIFIED is not None
+    driver = CgroupV2(node_id(), UNIFIED)
+    ensure_dir(driver.base)
+    try:
+        if not driver.freezer:
+            pytest.skip("this kernel's cgroup v2 has no cgroup.freeze (Linux < 5.2)")
+        name = "fn-v2-freeze-1"
+        inst = os.path.join(driver.base, name)
+        ensure_dir(inst)
+        counter = tmp_path / "ticks"
+        start_ticker(children, counter, [os.path.join(inst, "cgroup.procs")])
+        assert wait_for(lambda: min(ticks(counter)) > 0)
+
+        driver.freeze(name)
+        assert wait_for(lambda: driver.frozen(name), timeout=5)
+        stopped = ticks(counter)
+        assert not wait_for(lambda: ticks(counter) != stopped, timeout=0.3)
+        driver.thaw(name)
+        assert wait_for(lambda: not driver.frozen(name))
+        assert wait_for(lambda: all(a > b for a, b in zip(ticks(counter), stopped, strict=True)))
+
+        driver.freeze(name)
+        assert wait_for(lambda: driver.frozen(name), timeout=5)
+        driver.kill(name)  # v2 lets SIGKILL through the freezer: no thaw needed
+        assert wait_for(lambda: driver.procs(name) == [])
+        assert children.started[-1].wait(timeout=10) == -signal.SIGKILL
+        assert removed(driver, name)
     finally:
         driver.cleanup()
     assert not os.path.exists(driver.base)

@@ -48,9 +48,10 @@ def mountline(n: int, point: Path | str, fstype: str, options: str, root: str = 
 
 class V1Host:
     """memory, cpu (co-mounted with cpuacct) and pids hierarchies, plus an
-    empty cgroup2 at ``unified`` as on hybrid hosts (and this CI machine)."""
+    empty cgroup2 at ``unified`` as on hybrid hosts (and this CI machine);
+    with ``freezer``, the freezer hierarchy too (our cgroup there is its root)."""
 
-    def __init__(self, tmp: Path, *, memsw: bool = True) -> None:
+    def __init__(self, tmp: Path, *, memsw: bool = True, freezer: bool = False) -> None:
         self.root = tmp / "sys/fs/cgroup"
         self.root.mkdir(parents=True)
         self.own = {
@@ -58,6 +59,8 @@ class V1Host:
             "cpu": files(self.root / "cpu,cpuacct", cgroup__procs=""),
             "pids": files(self.root / "pids/user/app", cgroup__procs=""),
         }
+        if freezer:
+            self.own["freezer"] = files(self.root / "freezer", cgroup__procs="")
         files(self.root / "unified", cgroup__controllers="", cgroup__subtree_control="")
         self.memsw = memsw
         self.self_cgroup = tmp / "self_cgroup"
@@ -76,7 +79,10 @@ class V1Host:
             + mountline(35, self.root / "memory", "cgroup", "rw,memory")
             + mountline(39, self.root / "pids", "cgroup", "rw,pids")
             + mountline(41, self.root / "unified", "cgroup2", "rw")
+            + (mountline(42, self.root / "freezer", "cgroup", "rw,freezer") if freezer else "")
         )
+        if freezer:
+            self.self_cgroup.write_text(self.self_cgroup.read_text() + "6:freezer:/\n")
 
     def detect(self, node_id: str = "n1") -> CgroupDriver:
         return detect(
@@ -98,7 +104,7 @@ class V1Host:
         )
         if memsw:
             (mem / "memory.memsw.limit_in_bytes").write_text("9223372036854771712\n")
-        return {
+        dirs = {
             "memory": mem,
             "cpu": files(
                 self.own["cpu"] / "nimbus-n1" / name, cgroup__procs="", cpu__shares="1024\n"
@@ -107,6 +113,13 @@ class V1Host:
                 self.own["pids"] / "nimbus-n1" / name, cgroup__procs="", pids__max="max\n"
             ),
         }
+        if "freezer" in self.own:
+            dirs["freezer"] = files(
+                self.own["freezer"] / "nimbus-n1" / name,
+                cgroup__procs="",
+                freezer__state="THAWED\n",
+            )
+        return dirs
 
 
 class V2Host:
@@ -184,6 +197,38 @@ class FakeKernel:
                 procs.write_text("".join(f"{p}\n" for p in pids))
 
 
+class FreezingKernel(FakeKernel):
+    """A :class:`FakeKernel` with cgroup v1's freezer: a process in a cgroup whose
+    ``freezer.state`` is FROZEN keeps a SIGKILL pending (and stays listed) until it is
+    thawed (here: seen thawed at the next signal); ``events`` records each signal and
+    whether its target was frozen."""
+
+    def __init__(self, tree: Path) -> None:
+        super().__init__(tree)
+        self.pending: set[int] = set()
+        self.events: list[str] = []
+
+    def _frozen(self, pid: int) -> bool:
+        for state in self.tree.rglob("freezer.state"):
+            procs = state.parent / "cgroup.procs"
+            frozen = state.read_text().strip() == "FROZEN"
+            if frozen and procs.exists() and str(pid) in procs.read_text().split():
+                return True
+        return False
+
+    def kill(self, pid: int, sig: int) -> None:
+        for waiting in sorted(self.pending):
+            if not self._frozen(waiting):  # thawed since: its SIGKILL acts
+                self.pending.discard(waiting)
+                super().kill(waiting, sig)
+        if self._frozen(pid):
+            self.events.append(f"kill {pid} frozen")
+            self.pending.add(pid)
+            return
+        self.events.append(f"kill {pid}")
+        super().kill(pid, sig)
+
+
 # --- detect ---------------------------------------------------------------
 
 
@@ -215,6 +260,17 @@ def test_detect_picks_v1_on_a_hybrid_host(tmp_path: Path) -> None:
         str(host.own["cpu"] / "nimbus-node-a"),
         str(host.own["pids"] / "nimbus-node-a"),
     ]
+
+
+def test_detect_v1_uses_the_freezer_hierarchy_when_it_is_mounted(tmp_path: Path) -> None:
+    without = V1Host(tmp_path / "a").detect()
+    assert isinstance(without, CgroupV1)
+    assert without.freezer is False
+    host = V1Host(tmp_path / "b", freezer=True)
+    driver = host.detect()
+    assert isinstance(driver, CgroupV1)
+    assert driver.freezer is True
+    assert driver.bases[-1] == str(host.own["freezer"] / "nimbus-n1")
 
 
 def test_detect_v1_when_root_is_cgroup2_without_controllers(tmp_path: Path) -> None:
@@ -484,6 +540,99 @@ def test_names_are_checked(tmp_path: Path) -> None:
             driver.create(bad, Limits(MB, 1.0))
 
 
+def test_v1_create_makes_the_freezer_cgroup_and_freeze_thaw_write_its_state(
+    tmp_path: Path,
+) -> None:
+    host = V1Host(tmp_path, freezer=True)
+    kernel = FakeKernel(tmp_path)
+    driver = CgroupV1("n1", {c: str(p) for c, p in host.own.items()}, rmdir=kernel.rmdir)
+    driver.prepare()
+    procs = driver.create("fn-a", Limits(64 * MB, 1.0))
+    freezer = host.own["freezer"] / "nimbus-n1/fn-a"
+    assert procs[-1] == str(freezer / "cgroup.procs")  # the instance joins it too
+    (freezer / "freezer.state").write_text("THAWED\n")  # as the kernel makes it
+    assert driver.frozen("fn-a") is False
+
+    driver.freeze("fn-a")
+    assert (freezer / "freezer.state").read_text().strip() == "FROZEN"
+    assert driver.frozen("fn-a") is True
+    # The node holds one empty cgroup frozen (the kernel's freezer stays switched on).
+    held = host.own["freezer"] / "nimbus-n1-frozen"
+    assert (held / "freezer.state").read_text() == "FROZEN"
+    fds = dict(driver._freezer_fds)
+    assert list(fds) == ["fn-a"]  # kept open: the next write is one syscall
+
+    driver.thaw("fn-a")
+    assert (freezer / "freezer.state").read_text().strip() == "THAWED"
+    assert driver.frozen("fn-a") is False
+    assert (held / "freezer.state").read_text() == "FROZEN"
+
+    driver.cleanup()
+    assert driver._freezer_fds == {}
+    with pytest.raises(OSError):
+        os.fstat(fds["fn-a"])  # closed
+    assert not held.exists()
+    assert not (host.own["freezer"] / "nimbus-n1").exists()
+
+
+def test_v1_freeze_of_a_gone_cgroup_or_without_freezer_does_nothing(tmp_path: Path) -> None:
+    host = V1Host(tmp_path / "a", freezer=True)
+    driver = host.detect()
+    driver.prepare()
+    driver.freeze("fn-gone")
+    driver.thaw("fn-gone")
+    assert driver.frozen("fn-gone") is False
+    assert not (host.own["freezer"] / "nimbus-n1/fn-gone").exists()
+
+    plain = V1Host(tmp_path / "b")
+    dirs = plain.instance("fn-a")
+    driver = plain.detect()
+    assert driver.freezer is False
+    driver.freeze("fn-a")
+    driver.thaw("fn-a")
+    assert driver.frozen("fn-a") is False
+    assert not list((tmp_path / "b").rglob("freezer.state"))
+    assert not any((d / "freezer.state").exists() for d in dirs.values())
+
+
+def test_v1_kill_of_a_frozen_cgroup_signals_then_thaws(tmp_path: Path) -> None:
+    host = V1Host(tmp_path, freezer=True)
+    dirs = host.instance("fn-a")
+    for d in dirs.values():
+        (d / "cgroup.procs").write_text("900001\n900002\n")
+    kernel = FreezingKernel(tmp_path)
+    driver = CgroupV1(
+        "n1", {c: str(p) for c, p in host.own.items()}, rmdir=kernel.rmdir, kill=kernel.kill
+    )
+    driver.freeze("fn-a")
+    assert driver.frozen("fn-a")
+    kernel.events.clear()
+
+    driver.kill("fn-a")
+    # Both signalled while frozen (so neither could fork), then thawed: they die.
+    assert sorted(kernel.events[:2]) == ["kill 900001 frozen", "kill 900002 frozen"]
+    assert (dirs["freezer"] / "freezer.state").read_text().strip() == "THAWED"
+    assert kernel.pending == set()
+    assert driver.procs("fn-a") == []
+    assert not driver.frozen("fn-a")
+    assert driver.remove("fn-a") is True
+
+
+def test_v1_kill_without_the_thaw_would_leave_a_frozen_cgroup_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake's own check: frozen processes outlive SIGKILL until thawed.
+    host = V1Host(tmp_path, freezer=True)
+    dirs = host.instance("fn-a")
+    (dirs["freezer"] / "cgroup.procs").write_text("900001\n")
+    (dirs["freezer"] / "freezer.state").write_text("FROZEN")
+    kernel = FreezingKernel(tmp_path)
+    monkeypatch.setattr(base_module.time, "sleep", lambda _s: None)
+    base_module.kill_loop([str(dirs["freezer"] / "cgroup.procs")], kernel.kill)
+    assert kernel.pending == {900001}
+    assert (dirs["freezer"] / "cgroup.procs").read_text().split() == ["900001"]
+
+
 # --- v2 -------------------------------------------------------------------
 
 
@@ -548,6 +697,41 @@ def test_v2_kill_falls_back_to_signals(tmp_path: Path) -> None:
     assert sorted(kernel.killed) == [900001, 900002, 900005]
     assert driver.procs("fn-a") == []
     driver.kill("fn-gone")  # nothing there: no error
+
+
+def test_v2_freeze_and_thaw_write_cgroup_freeze(tmp_path: Path) -> None:
+    host = V2Host(tmp_path)
+    d = host.instance("fn-a")
+    (d / "cgroup.freeze").write_text("0\n")
+    (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    driver = CgroupV2("n1", str(host.own))
+    assert driver.freezer is False  # Linux before 5.2: no cgroup.freeze in the base
+    (host.own / "nimbus-n1/cgroup.freeze").write_text("0\n")
+    assert driver.freezer is True
+    assert driver.frozen("fn-a") is False
+
+    driver.freeze("fn-a")
+    assert (d / "cgroup.freeze").read_text().strip() == "1"
+    (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")  # the kernel, once done
+    assert driver.frozen("fn-a") is True
+    driver.thaw("fn-a")
+    assert (d / "cgroup.freeze").read_text().strip() == "0"
+
+    driver.freeze("fn-gone")  # gone (or no freezer): nothing to do, no error
+    driver.thaw("fn-gone")
+    assert driver.frozen("fn-gone") is False
+    assert not (host.own / "nimbus-n1/fn-gone").exists()
+
+
+def test_v2_kill_of_a_frozen_cgroup_needs_no_thaw(tmp_path: Path) -> None:
+    # v2's freezer lets SIGKILL through: cgroup.kill as usual, cgroup.freeze untouched.
+    host = V2Host(tmp_path)
+    d = host.instance("fn-a")
+    (d / "cgroup.freeze").write_text("1")
+    driver = CgroupV2("n1", str(host.own))
+    driver.kill("fn-a")
+    assert (d / "cgroup.kill").read_text() == "1"
+    assert (d / "cgroup.freeze").read_text() == "1"
 
 
 def test_v2_remove(tmp_path: Path) -> None:

@@ -29,9 +29,14 @@ class FakeInstance:
         self.state = State.IDLE
         self.last_used = 0.0
         self.stopped = False
+        #: The state the instance was in each time the scheduler froze it.
+        self.freezes: list[State] = []
 
     def prewarmed(self) -> None:
         pass
+
+    def freeze(self) -> None:
+        self.freezes.append(self.state)
 
     @property
     def alive(self) -> bool:
@@ -116,6 +121,41 @@ def test_scale_from_zero_then_reuse_warm_instance() -> None:
         assert s.counts("f").idle == 1
         b = await s.acquire(v)
         assert b is a and len(ex.started) == 1
+
+    asyncio.run(run())
+
+
+def test_an_instance_is_frozen_when_it_goes_idle_not_when_handed_to_a_waiter() -> None:
+    async def run() -> None:
+        s, _, _ = make(queue_depth=1)
+        v = version(max=1)
+        held = await s.acquire(v)
+        assert held.freezes == []  # started for a request: never frozen before it
+        waiter = asyncio.create_task(s.acquire(v))
+        await asyncio.sleep(0)
+        s.release(held)
+        assert await waiter is held
+        await asyncio.sleep(0)
+        assert held.freezes == []  # no idle moment: nothing to freeze
+        s.release(held)
+        await asyncio.sleep(0)  # a loop turn later: after the caller's response
+        assert held.freezes == [State.IDLE]  # frozen only once idle
+
+    asyncio.run(run())
+
+
+def test_a_prewarmed_instance_is_frozen_once_its_init_is_done() -> None:
+    async def run() -> None:
+        s, ex, _ = make()
+        s.ensure(version(min=1))
+        await s.tick()
+        for _ in range(100):  # loop turns, not time: the prewarm is a task of the loop
+            if s.counts("f").idle == 1:
+                break
+            await asyncio.sleep(0)
+        assert s.counts("f").idle == 1
+        await asyncio.sleep(0)  # the freeze comes a loop turn after the release
+        assert ex.started[0].freezes == [State.IDLE]
 
     asyncio.run(run())
 

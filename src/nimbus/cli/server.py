@@ -116,6 +116,15 @@ def up(
             show_default="on",
         ),
     ] = None,
+    freeze_idle: Annotated[
+        bool | None,
+        typer.Option(
+            "--freeze-idle/--no-freeze-idle",
+            envvar="NIMBUS_FREEZE_IDLE",
+            help="Freeze idle instances (their cgroup) between invocations, as Lambda does.",
+            show_default="on",
+        ),
+    ] = None,
     nats: Annotated[
         str | None,
         typer.Option(
@@ -345,6 +354,7 @@ def up(
         max_async_concurrency=max_async_concurrency,
         async_retention=async_retention,
         function_zygotes=function_zygotes,
+        freeze_idle=freeze_idle,
         nats_url=nats,
         redis_url=redis,
         mqtt_url=mqtt,

@@ -6,6 +6,11 @@ timeout by killing the instance, and turns every outcome (result, exception,
 timeout, crash) into an :class:`InvokeResult` in Lambda's shape. It also writes
 the ``START``/``END``/``REPORT`` lines, which only it can order correctly with
 the function's own output.
+
+Between invocations an idle instance is frozen (:meth:`Instance.freeze`, by
+whoever keeps it idle): as in Lambda, nothing an invocation left running (a
+thread, a child, a timer) runs after its reply. ``invoke()`` thaws it right
+before it sends the event.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class Instance:
         self._init_ms: float | None = init_ms
         self._restore_ms: float | None = restore_ms
         self._cold = True
+        self._frozen = False
 
     @property
     def init_ms(self) -> float | None:
@@ -113,6 +119,15 @@ class Instance:
         """The first invocation waited for an init that ran for this instance elsewhere
         (its function zygote's, started for it): report that init, not the fork."""
         self._init_ms, self._restore_ms = init_ms, None
+
+    def freeze(self) -> None:
+        """Idle: stop everything the instance runs until the next :meth:`invoke` (its
+        cgroup's freezer; nothing happens without one). Only an idle instance: by then
+        :meth:`invoke` has its last reply and output sentinel (or gave up waiting for
+        the sentinel after a second), so that invocation's output is complete."""
+        if self.state is State.IDLE and not self._frozen:
+            self._frozen = True
+            self.process.freeze()
 
     def emit_line(self, line: str) -> None:
         """A line of the platform's in this instance's log, outside any invocation."""
@@ -137,6 +152,11 @@ class Instance:
         """Run one invocation. Never raises for anything the function did."""
         spec = self.version.spec
         self.state = State.BUSY
+        if self._frozen:
+            # One write to a cgroup file, no await: the event below waits in the socket
+            # until the instance runs again.
+            self._frozen = False
+            self.process.thaw()
         self.invocations += 1
         loop = asyncio.get_running_loop()
         ctx = self._output.open(request_id)

@@ -75,6 +75,15 @@ class InstanceProcess(Protocol):
         """Did the kernel's OOM killer end it (its memory limit)?"""
         ...
 
+    def freeze(self) -> None:
+        """Stop everything the instance runs until :meth:`thaw` (its cgroup's freezer);
+        a no-op where there is none. Never blocks."""
+        ...
+
+    def thaw(self) -> None:
+        """Let a frozen instance run again; a no-op if it is not frozen."""
+        ...
+
     async def cleanup(self) -> None:
         """After exit: release what the instance held (cgroups, …). Idempotent."""
         ...
@@ -124,6 +133,13 @@ class PlainProcess:
 
     def oom_killed(self) -> bool:
         return False
+
+    # A plain process has no cgroup: nothing of it is frozen between invocations.
+    def freeze(self) -> None:
+        return None
+
+    def thaw(self) -> None:
+        return None
 
     async def cleanup(self) -> None:
         return None

@@ -5,8 +5,9 @@ instance, else starts one (scale from zero) while the function's
 ``scaling.max`` and the node's ``max_instances`` allow, else waits in a
 bounded queue, else refuses with :class:`~nimbus.errors.TooManyRequests`.
 ``release()`` hands the instance straight to the oldest waiter, or back to the
-idle list. A background loop applies :func:`decide` once a second: idle
-instances past ``keep_warm`` are stopped, so an idle function costs no process.
+idle list, frozen (:meth:`Instance.freeze`) until its next invocation thaws it.
+A background loop applies :func:`decide` once a second: idle instances past
+``keep_warm`` are stopped, so an idle function costs no process.
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ class Scheduler:
         inst.state = State.IDLE
         inst.last_used = self._clock()
         pool.idle.append(inst)
+        # Its invocation is over, output and all (Instance.invoke waited). Frozen a loop
+        # turn later, once the caller has written its response; skipped if it is busy again.
+        asyncio.get_running_loop().call_soon(inst.freeze)
 
     # -- lifecycle ---------------------------------------------------------------------
     def retire(self, name: str, keep: int | None = None) -> None:

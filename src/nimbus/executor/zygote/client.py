@@ -42,6 +42,8 @@ class Sandbox:
     pool_size: int = 2
     #: Fork instances from per-version function zygotes (init once, fork many).
     function_zygotes: bool = True
+    #: Freeze an idle instance's cgroup between invocations (when the host has a freezer).
+    freeze_idle: bool = True
 
 
 #: How long a spawn may wait for the zygote to report the instance's pid.
@@ -243,11 +245,14 @@ class ZygoteProcess:
         *,
         name: str,
         cgroups: CgroupDriver | None,
+        freeze: bool = False,
     ) -> None:
         self._pid = pid
         self._exited = exited
         self._name = name
         self._cgroups = cgroups
+        #: Who freezes it (sandboxed, freeze_idle, a freezer on this host), or None.
+        self._freezer = cgroups if freeze else None
         self._cleaned = False
 
     @property
@@ -272,7 +277,17 @@ class ZygoteProcess:
                 os.killpg(self._pid, signal.SIGKILL)
         if self._cgroups is not None:
             with contextlib.suppress(OSError):
-                self._cgroups.kill(self._name)
+                self._cgroups.kill(self._name)  # thaws a frozen one, so that it dies
+
+    def freeze(self) -> None:
+        if self._freezer is not None:
+            with contextlib.suppress(OSError):
+                self._freezer.freeze(self._name)
+
+    def thaw(self) -> None:
+        if self._freezer is not None:
+            with contextlib.suppress(OSError):
+                self._freezer.thaw(self._name)
 
     def oom_killed(self) -> bool:
         if self._cgroups is None:
@@ -309,6 +324,8 @@ class ZygoteLauncher:
         self._zygote = zygote
         self.zygote = zygote
         self._sandbox = sandbox
+        #: Idle instances are frozen (decided at start, once the cgroups are prepared).
+        self._freeze = False
 
     async def start(self) -> None:
         if self._sandbox is not None:
@@ -316,6 +333,13 @@ class ZygoteLauncher:
         await self._zygote.start()
         if self._sandbox is not None and self._zygote.sandbox_error:
             raise LaunchError(f"cannot sandbox instances: {self._zygote.sandbox_error}")
+        if self._sandbox is not None and self._sandbox.freeze_idle:
+            self._freeze = self._sandbox.cgroups.freezer
+            if not self._freeze:
+                log.warning(
+                    "idle instances are not frozen: this host has no cgroup freezer "
+                    "(cgroup v1 without a writable freezer hierarchy, or v2 before Linux 5.2)"
+                )
 
     @property
     def sandboxed(self) -> bool:
@@ -380,7 +404,9 @@ class ZygoteLauncher:
             if netns_fd >= 0:
                 os.close(netns_fd)
         cgroups = self._sandbox.cgroups if self._sandbox is not None and cgroup else None
-        return ZygoteProcess(pid, exited, name=cgroup, cgroups=cgroups)
+        # A function zygote is never frozen: it forks instances on request.
+        freeze = self._freeze and not plan.zygote
+        return ZygoteProcess(pid, exited, name=cgroup, cgroups=cgroups, freeze=freeze)
 
     async def _fork(self, plan: LaunchPlan) -> ZygoteProcess:
         """An instance forked from function zygote ``plan.zygote_of``, in its own pid,
@@ -397,7 +423,9 @@ class ZygoteLauncher:
         }
         msg = {"op": "fork", "id": plan.instance_id, "zygote": plan.zygote_of, "sandbox": box}
         pid, cgroup, exited = await self._zygote.spawn(msg, [plan.sock_fd, plan.output_fd])
-        return ZygoteProcess(pid, exited, name=cgroup, cgroups=self._sandbox.cgroups)
+        return ZygoteProcess(
+            pid, exited, name=cgroup, cgroups=self._sandbox.cgroups, freeze=self._freeze
+        )
 
     async def forget(self, function: str) -> None:
         """A function was deleted: drop what was kept for it (its egress namespace)."""

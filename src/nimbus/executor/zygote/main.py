@@ -19,7 +19,8 @@ Messages are JSON, one per packet. Server → zygote: ``{"op": "spawn", "id",
 "token", "env", "task_root", "sandbox": {...} | null}`` with two fds.
 Zygote → server: ``{"ready": true, "pid", "sandbox_error"}``, ``{"spawned":
 id, "pid", "cgroup"}``, ``{"failed": id, "error"}``, ``{"exit": id,
-"status"}``. When the server's end closes, the zygote kills everything and exits.
+"status"}``. When the server's end closes, or the server dies (its parent-death
+signal), the zygote kills everything (thawing what is frozen) and exits.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ from typing import Any
 from nimbus.executor.sandbox import linux
 from nimbus.executor.zygote import spawn
 
+#: The zygote's parent-death signal (``PR_SET_PDEATHSIG``): one no terminal sends to a
+#: process group (not SIGHUP: a hangup would kill the zygote of a server run under nohup).
+SERVER_GONE = signal.SIGUSR2
 #: Instance shells each function zygote keeps ready (forked, in their own cgroup).
 FUNCTION_POOL = 1
 #: Shells a function zygote may be making at once (a burst waits for them in turn).
@@ -620,6 +624,19 @@ class Zygote:
                         os.kill(pid, signal.SIGKILL)
                     else:
                         os.killpg(pid, signal.SIGKILL)
+            if rec.sandboxed and rec.cgroup:
+                # An idle instance is frozen, and on cgroup v1 a frozen init acts on its
+                # SIGKILL only once thawed; then its pid namespace goes with it.
+                with contextlib.suppress(OSError):
+                    self.cgroups.thaw(rec.cgroup)
+
+    def server_gone(self) -> None:
+        """The server closed our socket or died (PR_SET_PDEATHSIG): nobody will ever talk
+        to these instances again, and a frozen one cannot notice by itself. Never returns."""
+        try:
+            self.kill_all()
+        finally:
+            os._exit(0)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -630,6 +647,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the server decides when we stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(SERVER_GONE, lambda *_: self.server_gone())
         self.sel.register(self.ctrl, selectors.EVENT_READ, "ctrl")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
         while True:
@@ -668,8 +686,7 @@ class Zygote:
                 return
             data, fds = b"", []
         if not data:
-            self.kill_all()
-            os._exit(0)
+            self.server_gone()
         msg = json.loads(data)
         if msg.get("op") == "spawn" and len(fds) in (2, 3):
             sys.stdout.flush()
@@ -712,7 +729,10 @@ def probe() -> str | None:
 def main() -> None:
     _root, ctrl_fd, seccomp_path, node_id, pool_size, root_json = sys.argv[1:7]
     ctrl = socket.socket(fileno=int(ctrl_fd))
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Not SIGKILL: the zygote must kill its instances as it goes, frozen ones included
+    # (see Zygote.server_gone); until run() handles it, its default action kills us.
+    signal.signal(SERVER_GONE, signal.SIG_DFL)
+    linux.prctl(linux.PR_SET_PDEATHSIG, SERVER_GONE)
     if os.getppid() == 1:
         os._exit(1)
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)

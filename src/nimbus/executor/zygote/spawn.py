@@ -81,7 +81,8 @@ def exit_code(e: SystemExit) -> int:
 
 def _reset_signals() -> None:
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+    # SIGUSR2: the zygote's parent-death signal, whose handler is the zygote's own.
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
 
 

@@ -4,6 +4,7 @@
     driver.prepare()                  # once, at server start
     procs_files = driver.create(instance_id, Limits.for_memory_mb(128))
     # the instance writes its pid into every file of procs_files to join
+    driver.freeze(instance_id); driver.thaw(instance_id)   # between invocations (if driver.freezer)
     driver.kill(instance_id); driver.remove(instance_id)   # retry remove() while False
     driver.cleanup()                  # at server stop
 

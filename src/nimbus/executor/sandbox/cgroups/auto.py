@@ -4,8 +4,9 @@ v2 is usable when ``root`` is a cgroup2 mount and this process's cgroup there
 offers the memory, cpu and pids controllers. v1 is usable when a cgroup v1
 hierarchy with each of those controllers is mounted (found via mountinfo;
 controllers may be co-mounted, e.g. ``cpu,cpuacct``) and this process's
-cgroup in it is visible. Hybrid hosts (v1 controllers plus an empty cgroup2
-at ``/sys/fs/cgroup/unified``) get v1.
+cgroup in it is visible; the freezer hierarchy is used too when it is mounted
+and writable (it freezes idle instances), never required. Hybrid hosts (v1
+controllers plus an empty cgroup2 at ``/sys/fs/cgroup/unified``) get v1.
 
 Standard library only: this module is imported inside the zygote.
 """
@@ -147,6 +148,13 @@ def _try_v1(node_id: str, mounts: list[_Mount], cgroups: dict[str, str]) -> Cgro
         if denied:
             return denied
         own[controller] = found[0]
+    for controller in v1.OPTIONAL:
+        # Used when it is there and ours; without it instances are simply not frozen.
+        path = cgroups.get(controller)
+        hierarchies = [m for m in mounts if m.fstype == "cgroup" and controller in m.options]
+        found = [d for m in hierarchies if path and (d := _resolve(m, path)) and os.path.isdir(d)]
+        if found and _writable(found[0]) is None:
+            own[controller] = found[0]
     return v1.CgroupV1(node_id, own)
 
 

@@ -31,8 +31,8 @@ __all__ = [
 MB_PER_VCPU = 1769
 
 #: How many read-procs-and-SIGKILL rounds ``kill()`` makes when the kernel
-#: cannot kill the whole cgroup at once (v1 without freezer, v2 before 5.14):
-#: processes may fork between our read of ``cgroup.procs`` and the signal.
+#: cannot kill the whole cgroup at once (v1, v2 before 5.14): processes may
+#: fork between our read of ``cgroup.procs`` and the signal.
 KILL_ROUNDS = 50
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -110,9 +110,33 @@ class CgroupDriver(Protocol):
         """The pids in the instance cgroup (v1: union over hierarchies)."""
         ...
 
+    @property
+    def freezer(self) -> bool:
+        """Whether ``freeze()`` stops anything here (v1: a freezer hierarchy is
+        mounted and ours; v2: Linux 5.2 or later). Asked after ``prepare()``."""
+        ...
+
+    def freeze(self, name: str) -> None:
+        """Stop every process of the instance cgroup with the kernel's freezer
+        until ``thaw()``: they get no CPU, and cannot fork (v2 still lets a
+        fatal signal through; v1 holds even SIGKILL until the thaw, which
+        ``kill()`` takes care of). Returns at once; the kernel finishes
+        freezing asynchronously (``frozen()`` says when). Does nothing without
+        a freezer or once the cgroup is gone."""
+        ...
+
+    def thaw(self, name: str) -> None:
+        """Let a frozen instance cgroup run again (nothing if it is not frozen,
+        if there is no freezer or if the cgroup is gone)."""
+        ...
+
+    def frozen(self, name: str) -> bool:
+        """True once every process of the instance cgroup is frozen."""
+        ...
+
     def kill(self, name: str) -> None:
-        """SIGKILL every process in the instance cgroup. Returns without
-        waiting for them to be gone."""
+        """SIGKILL every process in the instance cgroup, frozen ones too.
+        Returns without waiting for them to be gone."""
         ...
 
     def remove(self, name: str) -> bool:
@@ -211,21 +235,26 @@ def subdirs(path: str) -> list[str]:
         return []
 
 
+def signal_all(procs_files: Iterable[str], kill: Kill = os.kill) -> bool:
+    """SIGKILL every pid listed in ``procs_files`` once; False if none was listed."""
+    me = os.getpid()  # never ourselves, even if someone put us in there
+    pids = {pid for f in procs_files for pid in read_pids(f)} - {me}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            kill(pid, signal.SIGKILL)
+    return bool(pids)
+
+
 def kill_loop(procs_files: Iterable[str], kill: Kill = os.kill) -> None:
     """SIGKILL everything listed in ``procs_files`` until they list nothing.
 
-    Without a freezer a process can fork between our read and our signal, so
-    repeat; a killed process cannot fork again, so this converges quickly.
+    A running process can fork between our read and our signal, so repeat; a
+    killed process cannot fork again, so this converges quickly.
     """
     files = list(procs_files)
-    me = os.getpid()  # never ourselves, even if someone put us in there
     for _ in range(KILL_ROUNDS):
-        pids = {pid for f in files for pid in read_pids(f)} - {me}
-        if not pids:
+        if not signal_all(files, kill):
             return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                kill(pid, signal.SIGKILL)
         # Give the dying a moment to leave the cgroup before we look again.
         time.sleep(0.002)
 
@@ -288,6 +317,9 @@ class TreeDriver:
         self.bases: list[str] = list(dict.fromkeys(bases))
         self._rmdir = rmdir
         self._kill = kill
+        #: An open descriptor of each instance's freezer file, by instance name: a
+        #: freeze or a thaw on the warm path is then one pwrite(2), no path lookup.
+        self._freezer_fds: dict[str, int] = {}
 
     def _dirs(self, name: str) -> list[str]:
         check_name(name)
@@ -310,7 +342,29 @@ class TreeDriver:
     def kill(self, name: str) -> None:
         kill_loop((os.path.join(d, "cgroup.procs") for d in self._dirs(name)), self._kill)
 
+    def _write_freezer(self, name: str, path: str, value: bytes) -> None:
+        """Write ``value`` to the instance's freezer file ``path`` (kept open); nothing
+        if the cgroup is gone."""
+        fd = self._freezer_fds.get(name)
+        try:
+            if fd is None:
+                fd = self._freezer_fds[name] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            # Offset 0: cgroupfs ignores it, and a fake tree's file stays readable.
+            os.pwrite(fd, value, 0)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self._close_freezer(name)
+            if e.errno != errno.ENODEV:  # removed while open: gone too
+                raise
+
+    def _close_freezer(self, name: str) -> None:
+        fd = self._freezer_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
     def remove(self, name: str) -> bool:
+        self._close_freezer(name)
         # Try every hierarchy even when one is busy, so each gets as far as it can.
         gone = [rmdir_tree(d, self._rmdir) for d in self._dirs(name)]
         return all(gone)
@@ -331,5 +385,7 @@ class TreeDriver:
 
     def cleanup(self) -> None:
         self._clear()
+        for name in list(self._freezer_fds):
+            self._close_freezer(name)
         for base in self.bases:
             retry_until(functools.partial(rmdir_tree, base, self._rmdir), self.drain_timeout)

@@ -21,6 +21,11 @@ the user to give Nimbus a delegated cgroup of its own, e.g.
 ``systemd-run --scope -p Delegate=yes nimbus up`` or ``Delegate=yes`` in
 the service unit. We never move processes that are not ours.
 
+Freezing is the core ``cgroup.freeze`` file (Linux 5.2+, no controller
+needed): ``1`` freezes, ``0`` thaws, and ``cgroup.events`` says ``frozen 1``
+once every process is stopped. A frozen process still dies of SIGKILL (v2's
+freezer lets fatal signals through), so ``kill()`` needs no thaw.
+
 The server leaf stays after ``cleanup()``: this process is still in it, and
 moving back is impossible once ``<own>`` has controllers enabled. The next
 ``prepare()`` with the same node id reuses it.
@@ -129,6 +134,22 @@ class CgroupV2(TreeDriver):
     def oom_killed(self, name: str) -> bool:
         text = read_text(os.path.join(self._dir(name), "memory.events"))
         return (keyed_int(text, "oom_kill") or 0) > 0
+
+    @property
+    def freezer(self) -> bool:
+        # In every non-root cgroup since Linux 5.2; the base exists once prepare() ran.
+        return os.path.exists(os.path.join(self.base, "cgroup.freeze"))
+
+    def freeze(self, name: str) -> None:
+        # Nothing if the cgroup is gone, or on a kernel before 5.2 (no cgroup.freeze).
+        self._write_freezer(name, os.path.join(self._dir(name), "cgroup.freeze"), b"1")
+
+    def thaw(self, name: str) -> None:
+        self._write_freezer(name, os.path.join(self._dir(name), "cgroup.freeze"), b"0")
+
+    def frozen(self, name: str) -> bool:
+        text = read_text(os.path.join(self._dir(name), "cgroup.events"))
+        return keyed_int(text, "frozen") == 1
 
     def kill(self, name: str) -> None:
         d = self._dir(name)
