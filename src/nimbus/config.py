@@ -86,6 +86,11 @@ class Settings:
     tls_key: str = ""
     #: Instances running at once on this node, over all functions.
     max_instances: int = 256
+    #: What every instance of this node may use together: memory (MB; 0: 90 % of the
+    #: machine's), processes, and CPUs (a hard quota; 0: no quota).
+    node_memory_mb: int = 0
+    node_pids_max: int = 16384
+    node_cpus: float = 0.0
     #: Requests that may wait for an instance, per function, before 429.
     queue_depth: int = 100
     #: Seconds a request waits in that queue before 429.
@@ -179,6 +184,10 @@ class Settings:
                 "max_connections must not be negative and max_connections_per_client must be "
                 "at least 1"
             )
+        if self.node_memory_mb < 0 or self.node_pids_max < 0 or self.node_cpus < 0:
+            raise InvalidParameterValue(
+                "node_memory_mb, node_pids_max and node_cpus must not be negative"
+            )
         if self.max_async_concurrency < 0:
             raise InvalidParameterValue("max_async_concurrency must not be negative")
         if self.async_retention < 0:
@@ -205,6 +214,13 @@ class Settings:
     def watch_roots(self) -> tuple[Path, ...]:
         """``files_roots`` as resolved paths."""
         return tuple(Path(p).resolve() for p in self.files_roots.split(":") if p)
+
+    @property
+    def node_memory_bytes(self) -> int:
+        """``node_memory_mb``, with 0 resolved to 90 % of the machine's memory."""
+        if self.node_memory_mb:
+            return self.node_memory_mb * 1024 * 1024
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9)
 
     @property
     def async_concurrency(self) -> int:

@@ -430,7 +430,7 @@ def build_isolation(settings: Settings) -> Isolation:
         )
         return Isolation(ZygoteLauncher(zygote, None), HostBuilder(python, environ=environ), "host")
 
-    from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
+    from nimbus.executor.sandbox.cgroups import CgroupUnavailable, NodeLimits, detect
     from nimbus.executor.sandbox.network import EgressNetworks
     from nimbus.executor.sandbox.rootfs import build_rootfs
     from nimbus.executor.sandbox.seccomp import ZYGOTE_ALLOWED, compile_filter
@@ -448,6 +448,13 @@ def build_isolation(settings: Settings) -> Isolation:
     try:
         cgroups = detect(node_id)
         cgroups.prepare()
+        cgroups.limit_node(
+            NodeLimits(
+                memory_bytes=settings.node_memory_bytes,
+                pids_max=settings.node_pids_max,
+                cpus=settings.node_cpus,
+            )
+        )
     except (CgroupUnavailable, OSError) as e:
         raise SandboxUnavailable(f"cannot sandbox instances: {e}" + way_out) from None
     base = settings.data_dir / "sandbox"

@@ -4,9 +4,12 @@ host and a neighbour keep serving."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 from tests.security.attacks import (
     PeakRss,
@@ -22,7 +25,7 @@ from tests.security.attacks import (
     wait_no_instances,
     wait_until,
 )
-from tests.support import NimbusServer
+from tests.support import NimbusServer, node_cgroups, running
 
 PIDS_MAX = 1024
 
@@ -201,3 +204,26 @@ def test_cpu_hogs_do_not_starve_the_host_or_a_neighbour(server: NimbusServer) ->
     assert slowest < 1.0, f"the server and the neighbour took {slowest:.2f} s to answer"
     assert errors == [], errors
     assert_unharmed(server)
+
+
+def test_the_node_cap_bounds_every_instance_together(tmp_path: Path) -> None:
+    """Per-instance limits multiply by the instances; the node's cgroup caps their sum."""
+    args = ["--node-pids-max", "200", "--node-memory-mb", "3000", "--node-cpus", "1.5"]
+    with running(tmp_path / "data", args=args) as s:
+        node_id = hashlib.sha256(str(s.data_dir.resolve()).encode()).hexdigest()[:12]
+        bases = [d for d in node_cgroups(s.data_dir) if os.path.basename(d) == f"nimbus-{node_id}"]
+        pids = [Path(d, "pids.max") for d in bases if Path(d, "pids.max").exists()]
+        assert pids and all(p.read_text().strip() == "200" for p in pids), bases
+        for d in bases:
+            if Path(d, "memory.limit_in_bytes").exists():  # v1
+                assert int(Path(d, "memory.limit_in_bytes").read_text()) == 3000 * 1024 * 1024
+            if Path(d, "cpu.cfs_quota_us").exists():
+                assert Path(d, "cpu.cfs_quota_us").read_text().strip() == "150000"
+            if Path(d, "cpu.max").exists():  # v2
+                assert Path(d, "cpu.max").read_text().split() == ["150000", "100000"]
+
+        deploy(s, "sec-nodebomb", memory=1024, scaling={"keep_warm": 0})
+        result = attack(s, "sec-nodebomb", {"attack": "forkbomb", "marker": unique("nbnode-")})
+        assert result["failure"] is not None and result["failure"]["errno"] == "EAGAIN", result
+        assert result["children"] < 200 < PIDS_MAX, result  # the node's cap, not the instance's
+        assert s.client.get("/healthz").status_code == 200

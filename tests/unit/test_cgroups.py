@@ -21,6 +21,7 @@ from nimbus.executor.sandbox.cgroups import (
     CgroupV1,
     CgroupV2,
     Limits,
+    NodeLimits,
     detect,
 )
 from nimbus.executor.sandbox.cgroups import base as base_module
@@ -432,6 +433,22 @@ def test_v1_create_makes_directories_and_skips_memsw_without_swap_accounting(
     assert (host.own["pids"] / "nimbus-n1/fn-a/pids.max").read_text() == "1024"
 
 
+def test_v1_limit_node_caps_the_base(tmp_path: Path) -> None:
+    host = V1Host(tmp_path)
+    driver = host.detect()
+    assert isinstance(driver, CgroupV1)
+    driver.prepare()
+    driver.limit_node(NodeLimits(memory_bytes=4096 * MB, pids_max=500, cpus=1.5))
+    assert (host.own["memory"] / "nimbus-n1/memory.limit_in_bytes").read_text() == str(4096 * MB)
+    assert (host.own["pids"] / "nimbus-n1/pids.max").read_text() == "500"
+    assert (host.own["cpu"] / "nimbus-n1/cpu.cfs_period_us").read_text() == "100000"
+    assert (host.own["cpu"] / "nimbus-n1/cpu.cfs_quota_us").read_text() == "150000"
+    driver.limit_node(NodeLimits())  # zeros: unlimited
+    assert (host.own["memory"] / "nimbus-n1/memory.limit_in_bytes").read_text() == "-1"
+    assert (host.own["pids"] / "nimbus-n1/pids.max").read_text() == "max"
+    assert (host.own["cpu"] / "nimbus-n1/cpu.cfs_quota_us").read_text() == "-1"
+
+
 def test_v1_comounted_memory_and_cpu_share_one_directory(tmp_path: Path) -> None:
     own = files(tmp_path / "memory,cpu/app", cgroup__procs="")
     pids = files(tmp_path / "pids/app", cgroup__procs="")
@@ -647,6 +664,28 @@ def test_v2_create_writes_every_limit(tmp_path: Path) -> None:
     assert (d / "memory.swap.max").read_text() == "0"
     assert (d / "cpu.weight").read_text() == "29"
     assert (d / "pids.max").read_text() == "99"
+
+
+def test_v2_limit_node_caps_the_base(tmp_path: Path) -> None:
+    host = V2Host(tmp_path)
+    d = host.instance("fn-a")
+    base = d.parent
+    driver = host.detect()
+    assert isinstance(driver, CgroupV2)
+    driver.limit_node(NodeLimits(memory_bytes=2048 * MB, pids_max=300, cpus=0.25))
+    assert (base / "memory.max").read_text() == str(2048 * MB)
+    assert (base / "pids.max").read_text() == "300"
+    assert (base / "cpu.max").read_text() == "25000 100000"
+    driver.limit_node(NodeLimits())
+    assert (base / "memory.max").read_text() == "max"
+    assert (base / "pids.max").read_text() == "max"
+    assert (base / "cpu.max").read_text() == "max 100000"
+
+
+def test_node_limits_are_validated() -> None:
+    with pytest.raises(ValueError):
+        NodeLimits(pids_max=-1)
+    assert NodeLimits(cpus=0.001).cpu_quota_us(100_000) == 1000  # the kernel's minimum
 
 
 def test_v2_create_without_swap_file(tmp_path: Path) -> None:

@@ -267,6 +267,30 @@ def up(
             show_default="50000",
         ),
     ] = None,
+    node_memory_mb: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_NODE_MEMORY_MB",
+            help="Memory all instances may use together, MB (0: 90 % of the machine's).",
+            show_default="0",
+        ),
+    ] = None,
+    node_pids_max: Annotated[
+        int | None,
+        typer.Option(
+            envvar="NIMBUS_NODE_PIDS_MAX",
+            help="Processes all instances may have together (0: no limit).",
+            show_default="16384",
+        ),
+    ] = None,
+    node_cpus: Annotated[
+        float | None,
+        typer.Option(
+            envvar="NIMBUS_NODE_CPUS",
+            help="CPUs all instances may use together, a hard quota (0: no quota).",
+            show_default="0",
+        ),
+    ] = None,
     max_code_storage_bytes: Annotated[
         int | None,
         typer.Option(
@@ -375,6 +399,9 @@ def up(
         max_zip_entries=max_zip_entries,
         max_header_bytes=max_header_bytes,
         max_code_storage_bytes=max_code_storage_bytes,
+        node_memory_mb=node_memory_mb,
+        node_pids_max=node_pids_max,
+        node_cpus=node_cpus,
         max_headers=max_headers,
         header_timeout=header_timeout,
         body_timeout=body_timeout,

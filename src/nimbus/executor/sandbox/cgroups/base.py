@@ -77,6 +77,29 @@ class Limits:
         return cls(memory_mb * 1024 * 1024, memory_mb / MB_PER_VCPU, pids_max)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeLimits:
+    """What all of a node's instances may use together (0: no limit): memory in
+    bytes (swap included where the kernel accounts it), processes, and CPUs (a hard
+    quota, e.g. 1.5)."""
+
+    memory_bytes: int = 0
+    pids_max: int = 0
+    cpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 0 or self.pids_max < 0 or self.cpus < 0:
+            raise ValueError("node limits cannot be negative")
+
+    def cpu_quota_us(self, period_us: int) -> int:
+        """The CFS quota per ``period_us`` (at least 1 ms, as the kernel needs)."""
+        return max(1000, round(self.cpus * period_us))
+
+
+#: The CFS period node CPU quotas are expressed in.
+CPU_PERIOD_US = 100_000
+
+
 class CgroupDriver(Protocol):
     """Per-instance cgroups on one hierarchy layout (v1 or v2).
 
@@ -95,6 +118,11 @@ class CgroupDriver(Protocol):
         """Make the instance cgroup(s) and write ``limits``; return the
         absolute paths of the ``cgroup.procs`` files a process writes its pid
         into to join (v1: one per hierarchy; v2: one). Idempotent."""
+        ...
+
+    def limit_node(self, limits: NodeLimits) -> None:
+        """After ``prepare()``: cap the base, so that every instance together
+        stays within ``limits`` (a zero field: unlimited)."""
         ...
 
     def memory_peak(self, name: str) -> int | None:

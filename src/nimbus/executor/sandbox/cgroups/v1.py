@@ -31,8 +31,10 @@ import os
 from collections.abc import Mapping
 
 from nimbus.executor.sandbox.cgroups.base import (
+    CPU_PERIOD_US,
     Kill,
     Limits,
+    NodeLimits,
     Rmdir,
     TreeDriver,
     check_name,
@@ -89,6 +91,19 @@ class CgroupV1(TreeDriver):
     def prepare(self) -> None:
         self._make_bases()
         self._clear()
+
+    def limit_node(self, limits: NodeLimits) -> None:
+        memory = self._base_of["memory"]
+        if limits.memory_bytes:
+            self._set_memory(memory, limits.memory_bytes)
+        else:
+            self._set_memory(memory, -1)
+        pids = "max" if not limits.pids_max else str(limits.pids_max)
+        write_text(os.path.join(self._base_of["pids"], "pids.max"), pids)
+        cpu = self._base_of["cpu"]
+        write_text(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+        quota = limits.cpu_quota_us(CPU_PERIOD_US) if limits.cpus else -1
+        write_text(os.path.join(cpu, "cpu.cfs_quota_us"), str(quota))
 
     def create(self, name: str, limits: Limits) -> list[str]:
         dirs = self._dirs(name)

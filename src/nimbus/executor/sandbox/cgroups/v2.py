@@ -40,9 +40,11 @@ import errno
 import os
 
 from nimbus.executor.sandbox.cgroups.base import (
+    CPU_PERIOD_US,
     CgroupUnavailable,
     Kill,
     Limits,
+    NodeLimits,
     Rmdir,
     TreeDriver,
     check_name,
@@ -114,6 +116,16 @@ class CgroupV2(TreeDriver):
             raise CgroupUnavailable(
                 f"cannot move the server into {self.server_leaf} ({e.strerror}): {DELEGATE_HINT}"
             ) from e
+
+    def limit_node(self, limits: NodeLimits) -> None:
+        base = self.base
+        write_text(os.path.join(base, "memory.max"), str(limits.memory_bytes or "max"))
+        swap = os.path.join(base, "memory.swap.max")
+        if limits.memory_bytes and os.path.exists(swap):
+            write_text(swap, "0")
+        write_text(os.path.join(base, "pids.max"), str(limits.pids_max or "max"))
+        quota = str(limits.cpu_quota_us(CPU_PERIOD_US)) if limits.cpus else "max"
+        write_text(os.path.join(base, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
 
     def create(self, name: str, limits: Limits) -> list[str]:
         d = self._dir(name)
