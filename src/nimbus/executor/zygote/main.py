@@ -169,6 +169,8 @@ class _Proc:
     forked: bool = False
     #: The function's uid (a function zygote's user namespace maps it to itself).
     uid: int = 0
+    #: A function zygote: its id maps are written (its one message, ``U``, was had).
+    mapped: bool = False
     #: A function zygote: its sandbox (limits, egress), its instance shells ready (in
     #: their cgroups) and being made, and fork requests waiting for one.
     box: dict[str, Any] = field(default_factory=dict)
@@ -479,7 +481,10 @@ class Zygote:
         return data, _sender_pid(ancillary)
 
     def on_zygote(self, rec: _Proc) -> None:
-        """A function zygote asks for its user namespace's id maps (once)."""
+        """A function zygote asks for its user namespace's id maps: once, and that is
+        all it ever sends. Anything more comes from the function's own code (its init
+        can reach the socket, or leave a process that does): that zygote is stopped,
+        with one line, so that nothing of a function can flood the runtime zygote."""
         assert rec.ctl is not None
         data, pid = self._receive(rec.ctl)
         if not data:
@@ -487,21 +492,38 @@ class Zygote:
             while rec.waiting:
                 self._zygote_failed(rec, "the function zygote exited")
             return
-        if data == b"U" and pid:
-            uid = rec.uid
-            try:
-                with open(f"/proc/{pid}/setgroups", "w") as f:
-                    f.write("deny")
-                with open(f"/proc/{pid}/uid_map", "w") as f:
-                    f.write(f"{uid} {uid} 1")
-                with open(f"/proc/{pid}/gid_map", "w") as f:
-                    f.write(f"{uid} {uid} 1")
-                rec.ctl.send(b"M")
-                self.refill_zygote(rec)  # queued until its init is done
-            except OSError as e:
-                print(f"nimbus zygote: cannot map {pid}: {e}", file=sys.stderr, flush=True)
-                with contextlib.suppress(OSError):
-                    rec.ctl.send(b"X")
+        if rec.mapped or data != b"U" or not pid:
+            print(
+                f"nimbus zygote: function zygote {rec.id} sent an unexpected control "
+                "message (its function's code?); it is stopped",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.sel.unregister(rec.ctl)
+            rec.ctl.close()
+            rec.ctl = None
+            while rec.waiting:
+                self._zygote_failed(rec, "the function zygote misbehaved and was stopped")
+            for target in (rec.pid, rec.child):
+                if target:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(target, signal.SIGKILL)
+            return
+        rec.mapped = True
+        uid = rec.uid
+        try:
+            with open(f"/proc/{pid}/setgroups", "w") as f:
+                f.write("deny")
+            with open(f"/proc/{pid}/uid_map", "w") as f:
+                f.write(f"{uid} {uid} 1")
+            with open(f"/proc/{pid}/gid_map", "w") as f:
+                f.write(f"{uid} {uid} 1")
+            rec.ctl.send(b"M")
+            self.refill_zygote(rec)  # queued until its init is done
+        except OSError as e:
+            print(f"nimbus zygote: cannot map {pid}: {e}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                rec.ctl.send(b"X")
 
     def on_rep(self, rec: _Proc) -> None:
         """An instance shell of a function zygote: its pid (it is then moved into its
