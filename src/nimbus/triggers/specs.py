@@ -485,7 +485,14 @@ def check_watch_paths(
     for trigger in triggers:
         if trigger.get("type") != "files":
             continue
-        path = Path(trigger["path"]).resolve()
+        given = Path(trigger["path"])
+        path = given.resolve()
+        if path != given:
+            # Mounted as given, never through a link (see enter.bind_verified).
+            raise InvalidParameterValue(
+                f"trigger {trigger['name']!r}: {given} goes through a symbolic link; "
+                f"use the directory's real path, {path}"
+            )
         if path == private or private in path.parents or path in private.parents:
             raise InvalidParameterValue(
                 f"trigger {trigger['name']!r}: {path} holds Nimbus's own data; it cannot be watched"

@@ -58,6 +58,18 @@ def _bind_ro(source: str, target: str) -> None:
     linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
 
 
+def bind_verified(source: str, target: str) -> None:
+    """Bind ``source`` read-only at ``target`` only as the path was checked: no
+    symbolic link anywhere in it (a link swapped in after the deploy's check is
+    refused, ``ELOOP``), and the mount made from the descriptor opened, not from the
+    path again."""
+    fd = linux.open_no_symlinks(source, os.O_PATH | os.O_DIRECTORY)
+    try:
+        _bind_ro(f"/proc/self/fd/{fd}", target)
+    finally:
+        os.close(fd)
+
+
 def mount_root(rootfs: str, base: str) -> None:
     """The root tree, at ``rootfs``: an overlay of Nimbus's layer (``rootfs`` itself,
     as it was before this mount) over the base root filesystem; read-only, since it
@@ -134,7 +146,7 @@ def enter_root(
         for source, inside in mounts:
             target = rootfs + inside
             os.makedirs(target, exist_ok=True)
-            _bind_ro(source, target)
+            bind_verified(source, target)
     pivot_into(rootfs, tmp_mb)
 
 

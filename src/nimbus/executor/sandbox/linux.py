@@ -44,6 +44,14 @@ SECCOMP_MODE_FILTER = 2
 CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155)
+_SYS_OPENAT2 = 437  # the same on every architecture (Linux 5.6+)
+AT_FDCWD = -100
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 def _check(result: int, what: str) -> int:
@@ -51,6 +59,22 @@ def _check(result: int, what: str) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return result
+
+
+def open_no_symlinks(path: str, flags: int) -> int:
+    """``openat2(path, flags)`` refusing a symbolic link in any component (``ELOOP``):
+    what is opened is what the path names, whatever was swapped in meanwhile."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(AT_FDCWD),
+            path.encode(),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        ),
+        f"open {path}",
+    )
 
 
 def unshare(flags: int) -> None:
