@@ -21,11 +21,19 @@ import resource
 import socket
 import stat
 import struct
+import sys
 from collections.abc import Sequence
 
 from nimbus.executor.sandbox import linux
 
 NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
+
+#: What /proc/<pid>/cmdline shows of a sandbox's pid 1, and of its other processes
+#: (forks of the zygote, whose own command line names Nimbus's paths).
+INIT_TITLE = "init"
+RUNTIME_TITLE = f"/var/lang/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
+#: sys.argv in an instance, as Lambda's runtime has it.
+RUNTIME_ARGV = ("/var/runtime/bootstrap.py",)
 
 #: The devices an instance gets in its /dev: (name, major, minor).
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9))

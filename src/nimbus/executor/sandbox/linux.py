@@ -6,6 +6,7 @@ are the kernel's (x86_64 and aarch64 share them).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -39,6 +40,8 @@ PR_GET_NO_NEW_PRIVS = 39
 PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_MM = 35
+PR_SET_MM_ENV_END = 11
 SECCOMP_MODE_FILTER = 2
 
 CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
@@ -98,6 +101,41 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
         ),
         "prctl",
     )
+
+
+def set_title(title: str, *, clear_environ: bool = False) -> None:
+    """What ``/proc/<pid>/cmdline`` shows of this process and its forks: ``title``.
+
+    The kernel reads a process's command line and environment from its own memory,
+    where ``execve`` left the strings, so a fork shows its parent's. They are
+    overwritten in place (setproctitle's way): the title, a NUL, zeros, and a non-NUL
+    last byte, which tells the kernel to show only up to the first NUL.
+
+    ``clear_environ`` (once, as root): the environment strings are zeroed too (the C
+    library's ``environ`` copied away first, so ``getenv`` keeps working) and, where
+    the kernel allows it (``CAP_SYS_RESOURCE``), the area is made empty, so
+    ``/proc/<pid>/environ`` reads nothing."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # Fields 48-51 (stat(5)), counted from the state, field 3.
+    arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
+    room = arg_end - arg_start
+    if room < 2:
+        return
+    data = title.encode()[: room - 2] + b"\0"
+    ctypes.memset(arg_start, 0, room)
+    ctypes.memmove(arg_start, data, len(data))
+    ctypes.memset(arg_start + room - 1, ord("."), 1)
+    if not clear_environ or env_end <= env_start:
+        return
+    environ = dict(os.environ)
+    _libc.clearenv()
+    for key, value in environ.items():
+        _libc.setenv(os.fsencode(key), os.fsencode(value), 1)
+    ctypes.memset(env_start, 0, env_end - env_start)
+    # Without CAP_SYS_RESOURCE the environment reads as NULs, which is as empty.
+    with contextlib.suppress(OSError):
+        prctl(PR_SET_MM, PR_SET_MM_ENV_END, env_start)
 
 
 def sethostname(name: str) -> None:

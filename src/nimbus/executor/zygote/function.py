@@ -173,6 +173,7 @@ def _init(shell: dict[str, Any], report_fd: int, strict_bpf: bytes | None) -> No
     set the namespace up and fork the instance-to-be, then reap zombies and report the
     instance's status. Never returns."""
     try:
+        linux.set_title(enter.INIT_TITLE)
         report = socket.socket(fileno=report_fd)
         report.send(b"P")  # the credentials carry our pid: we are moved into our cgroup
         if report.recv(16) != b"M":
@@ -223,6 +224,7 @@ def _wait_for_go(report: socket.socket) -> None:
     shim up to its init, which the zygote already did), say it is ready, wait for *go*
     (its socket and output pipe), serve. Never returns."""
     try:
+        linux.set_title(enter.RUNTIME_TITLE)
         report.send(b"R")  # the credentials carry our pid: the one to prioritise on go
     except BaseException:
         os._exit(1)

@@ -117,9 +117,10 @@ def shell(
             os.close(report_fd)
             _wait_for_go(name, go_sock, None, base_path, None)
             raise AssertionError("unreachable")
-        from nimbus.executor.sandbox import enter
+        from nimbus.executor.sandbox import enter, linux
         from nimbus.executor.sandbox.cgroups import Limits
 
+        _forget_the_zygote()
         enter.join_cgroups(cgroups.create(name, Limits.for_memory_mb(SHELL_MEMORY_MB)))
         enter.unshare_namespaces(None)
         init_pid = os.fork()
@@ -143,6 +144,7 @@ def shell(
         os.close(report_fd)
         try:
             assert root is not None
+            linux.set_title(enter.RUNTIME_TITLE)
             enter.prepare_root(
                 rootfs=root["rootfs"],
                 base=root["base"],
@@ -163,6 +165,18 @@ def shell(
         if pid == waiter:
             report(report_fd, b"S", status)
             os._exit(0)  # pid 1 leaving takes every other process of the namespace with it
+
+
+def _forget_the_zygote() -> None:
+    """What a sandbox's processes show of themselves, from here on: no command line of
+    the zygote's (it names Nimbus's source, the data and cache directories), no
+    environment (it names the node), ``sys.argv`` as an instance's."""
+    from nimbus.executor.sandbox import enter, linux
+
+    os.environ.pop("NIMBUS_NODE", None)
+    sys.argv[:] = list(enter.RUNTIME_ARGV)
+    sys.orig_argv[:] = [enter.RUNTIME_TITLE, *enter.RUNTIME_ARGV]
+    linux.set_title(enter.INIT_TITLE, clear_environ=True)
 
 
 def _wait_for_go(
