@@ -11,10 +11,14 @@ is the whole point of this module:
 4. on *go*: ``enter_root`` (the function's code, layer and ``/tmp``, then
    ``pivot_root``) and ``drop_privileges``, last, because every earlier step
    needs root.
+
+An instance forked by a function zygote gets its ``/proc`` and ``/tmp`` from
+``mount_instance``, run by the runtime zygote (root, on the host) for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import resource
@@ -22,9 +26,10 @@ import socket
 import stat
 import struct
 import sys
+import time
 from collections.abc import Sequence
 
-from nimbus.executor.sandbox import linux
+from nimbus.executor.sandbox import linux, procfs
 
 NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
 
@@ -34,6 +39,10 @@ INIT_TITLE = "init"
 RUNTIME_TITLE = f"/var/lang/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
 #: sys.argv in an instance, as Lambda's runtime has it.
 RUNTIME_ARGV = ("/var/runtime/bootstrap.py",)
+
+#: Where, inside the root, the view of /proc is staged until the sandbox is entered
+#: (covered by the sandbox's own /tmp then).
+STAGING = "/tmp"
 
 #: The devices an instance gets in its /dev: (name, major, minor).
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9))
@@ -80,14 +89,23 @@ def mount_root(rootfs: str, base: str) -> None:
 
 
 def prepare_root(
-    *, rootfs: str, base: str, prefix: str, hidden: Sequence[str], proc_options: str | None = None
+    *,
+    rootfs: str,
+    base: str,
+    prefix: str,
+    hidden: Sequence[str],
+    memory_bytes: int,
+    facts: procfs.HostFacts | None = None,
+    proc_options: str | None = None,
 ) -> None:
     """The function-independent half of the root, made in a shell before any request.
 
     In the shell's own mount namespace: the root tree mounted (:func:`mount_root`, then
     made read-only), the interpreter prefix bound read-only at its own path with its
     ``site-packages`` masked, a ``/dev`` holding only null, zero, full, random
-    and urandom, and a fresh ``/proc`` (this process is in the new pid namespace).
+    and urandom, and a fresh ``/proc`` (this process is in the new pid namespace)
+    under the sandbox's own view (:mod:`.procfs`, for ``memory_bytes`` until
+    :func:`enter_root` knows the function's; ``facts``: the host's, read once).
     """
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     mount_root(rootfs, base)
@@ -116,7 +134,30 @@ def prepare_root(
         linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
         proc_options,
     )
+    staging = rootfs + STAGING
+    _mount_staging(staging)
+    view = procfs.render(
+        memory_bytes, facts or procfs.host_facts(), booted=procfs.boot_time(), now=time.time()
+    )
+    procfs.mount_view(rootfs + "/proc", staging, view)
     linux.mount(None, rootfs, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
+
+
+def _mount_staging(path: str) -> None:
+    """The tmpfs the view of /proc is written to (root's alone): its files stay, bound
+    over /proc, when it is unmounted (:func:`_unmount_staging`)."""
+    linux.mount(
+        "tmpfs",
+        path,
+        "tmpfs",
+        linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+        "size=1m,mode=700",
+    )
+
+
+def _unmount_staging(path: str) -> None:
+    if os.path.ismount(path):
+        linux.umount2(path, linux.MNT_DETACH)
 
 
 def enter_root(
@@ -125,15 +166,18 @@ def enter_root(
     code: str,
     layer: str | None,
     tmp_mb: int,
+    memory_bytes: int,
     mounts: list[tuple[str, str]] | tuple[()] = (),
 ) -> None:
     """The function's half, on *go*: its code at ``/var/task`` and its dependency
     layer at ``/opt/python`` (both read-only), a private ``/tmp`` of its size,
-    the directories its file triggers mount (read-only, under ``/mnt``), then
+    the directories its file triggers mount (read-only, under ``/mnt``: binds, since
+    files arrive there while it runs), ``/proc/meminfo`` saying ``memory_bytes``, then
     ``pivot_root`` into the result (prepared by :func:`prepare_root`)."""
     _bind_ro(code, rootfs + "/var/task")
     if layer:
         _bind_ro(layer, rootfs + "/opt/python")
+    procfs.write_meminfo(rootfs + STAGING, memory_bytes)
     if mounts:
         # The root is read-only: a small root-owned tmpfs holds the mount points.
         linux.mount(
@@ -147,8 +191,10 @@ def enter_root(
 
 
 def pivot_into(rootfs: str, tmp_mb: int) -> None:
-    """The last steps of every root: a private ``/tmp`` of ``tmp_mb`` MB, then
-    ``pivot_root`` into ``rootfs``, the old root detached."""
+    """The last steps of every root: a private ``/tmp`` of ``tmp_mb`` MB (in place of
+    the staging tmpfs of :func:`prepare_root`), then ``pivot_root`` into ``rootfs``,
+    the old root detached."""
+    _unmount_staging(rootfs + STAGING)
     linux.mount(
         "tmpfs",
         rootfs + "/tmp",
@@ -196,3 +242,83 @@ def drop_privileges(*, uid: int, gid: int, fsize: int, seccomp_bpf: bytes | None
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     if seccomp_bpf:
         linux.load_seccomp_bpf(seccomp_bpf)
+
+
+def mount_instance(
+    pid: int,
+    *,
+    tmp_mb: int,
+    memory_bytes: int,
+    facts: procfs.HostFacts,
+    pidns_option: bool = True,
+) -> None:
+    """Give the instance whose pid 1 is ``pid`` (forked by a function zygote, waiting in
+    namespaces of its own) its ``/proc``, under the sandbox's view, and its ``/tmp``.
+
+    Run by a child of the runtime zygote: root, on the host. The instance cannot do it
+    itself: its mount namespace belongs to the function zygote's user namespace, and
+    there the kernel lets nobody mount a procfs while every procfs in sight has files
+    covered (the view over the zygote's own): a new one would show what they cover. So
+    the procfs is made here, where that rule does not apply (``fsmount``: its pid
+    namespace the instance's), then moved into the instance's mount namespace. This is
+    also why the function zygote may not ``mount`` at all (its seccomp filter): its
+    init's code could otherwise mount a procfs without the view.
+
+    ``pidns_option``: name the pid namespace with procfs's ``pidns=`` (Linux 6.18);
+    without it, or where the kernel lacks it, the procfs is made by a short-lived
+    process inside the instance's pid namespace."""
+    pid_ns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        view = procfs.render(memory_bytes, facts, booted=procfs.boot_time(pid), now=time.time())
+        proc = -1
+        if pidns_option:
+            with contextlib.suppress(OSError):  # a procfs without pidns= (before Linux 6.18)
+                proc = _procfs_of(pid_ns)
+        if proc >= 0:
+            _attach(proc, mnt_ns, tmp_mb, view)
+            return
+        # Made from inside the instance's pid namespace instead, by a short-lived process
+        # there (so the instance's own pid is not 2 but 3).
+        linux.setns(pid_ns, linux.CLONE_NEWPID)
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                _attach(_procfs_of(None), mnt_ns, tmp_mb, view)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise OSError(f"could not make the instance's /proc (wait status {status})")
+    finally:
+        os.close(pid_ns)
+        os.close(mnt_ns)
+
+
+def _procfs_of(pid_ns: int | None) -> int:
+    """A new procfs (detached, nosuid, nodev, noexec) of ``pid_ns``, or of our own."""
+    fs = linux.fsopen("proc")
+    try:
+        linux.fsconfig_string(fs, "source", "proc")  # as mount(2) names it
+        if pid_ns is not None:
+            linux.fsconfig_fd(fs, "pidns", pid_ns)
+        linux.fsconfig_create(fs)
+        flags = linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV | linux.MOUNT_ATTR_NOEXEC
+        return linux.fsmount(fs, flags)
+    finally:
+        os.close(fs)
+
+
+def _attach(proc: int, mnt_ns: int, tmp_mb: int, view: dict[str, bytes]) -> None:
+    """In the instance's mount namespace: ``proc`` at /proc under ``view``, a /tmp."""
+    linux.setns(mnt_ns, linux.CLONE_NEWNS)
+    os.chdir("/")
+    linux.move_mount(proc, "/proc")
+    _mount_staging(STAGING)
+    procfs.mount_view("/proc", STAGING, view)
+    _unmount_staging(STAGING)
+    linux.mount(
+        "tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, f"size={tmp_mb}m,mode=1777"
+    )

@@ -47,6 +47,19 @@ SECCOMP_MODE_FILTER = 2
 CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155)
+# The new mount API has the same numbers on every architecture (the unified table).
+_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
+
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
 
 
 def _check(result: int, what: str) -> int:
@@ -81,6 +94,86 @@ def mount(
 
 def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount {target}")
+
+
+def fsopen(fstype: str) -> int:
+    """A filesystem context (a descriptor) for a new ``fstype`` superblock."""
+    return _check(
+        _libc.syscall(ctypes.c_long(_SYS_FSOPEN), fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC)),
+        f"fsopen {fstype}",
+    )
+
+
+def fsconfig_string(fs_fd: int, key: str, value: str) -> None:
+    """Set option ``key`` of a filesystem context to ``value``."""
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_FSCONFIG),
+            ctypes.c_int(fs_fd),
+            ctypes.c_uint(FSCONFIG_SET_STRING),
+            key.encode(),
+            value.encode(),
+            ctypes.c_int(0),
+        ),
+        f"fsconfig {key}",
+    )
+
+
+def fsconfig_fd(fs_fd: int, key: str, fd: int) -> None:
+    """Set option ``key`` of a filesystem context to the file descriptor ``fd``."""
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_FSCONFIG),
+            ctypes.c_int(fs_fd),
+            ctypes.c_uint(FSCONFIG_SET_FD),
+            key.encode(),
+            None,
+            ctypes.c_int(fd),
+        ),
+        f"fsconfig {key}",
+    )
+
+
+def fsconfig_create(fs_fd: int) -> None:
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_FSCONFIG),
+            ctypes.c_int(fs_fd),
+            ctypes.c_uint(FSCONFIG_CMD_CREATE),
+            None,
+            None,
+            ctypes.c_int(0),
+        ),
+        "fsconfig create",
+    )
+
+
+def fsmount(fs_fd: int, attr_flags: int) -> int:
+    """A detached mount (a descriptor) of the context's superblock."""
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_FSMOUNT),
+            ctypes.c_int(fs_fd),
+            ctypes.c_uint(FSMOUNT_CLOEXEC),
+            ctypes.c_uint(attr_flags),
+        ),
+        "fsmount",
+    )
+
+
+def move_mount(mount_fd: int, target: str) -> None:
+    """Attach the detached mount ``mount_fd`` at ``target``."""
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_MOVE_MOUNT),
+            ctypes.c_int(mount_fd),
+            b"",
+            ctypes.c_int(AT_FDCWD),
+            target.encode(),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        ),
+        f"move_mount {target}",
+    )
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

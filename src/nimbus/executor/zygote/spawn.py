@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from nimbus.executor.sandbox.cgroups import CgroupDriver
+    from nimbus.executor.sandbox.procfs import HostFacts
 
 REPORT = struct.Struct("=ci")
 MAX_FD = 65536
@@ -150,6 +151,8 @@ def shell(
                 base=root["base"],
                 prefix=root["prefix"],
                 hidden=root["hidden"],
+                memory_bytes=SHELL_MEMORY_MB << 20,
+                facts=HOST_FACTS[0] if HOST_FACTS else None,
             )
             enter.harden(nofile=root["nofile"])
         except BaseException:
@@ -234,6 +237,7 @@ def _enter_sandbox(
         code=box["code"],
         layer=box.get("layer"),
         tmp_mb=box["tmp_mb"],
+        memory_bytes=box["memory_bytes"],
         mounts=[(m[0], m[1]) for m in box.get("mounts", ())],
     )
     linux.sethostname(box["hostname"])
@@ -253,6 +257,8 @@ def _enter_sandbox(
 
 #: The function zygotes' seccomp filter (set by the zygote's main at start).
 ZYGOTE_BPF: list[bytes] = []
+#: What sandboxes' views of /proc keep of the host (read by the zygote's main at start).
+HOST_FACTS: list[HostFacts] = []
 
 
 def _run_function_zygote(
