@@ -14,6 +14,13 @@ is the whole point of this module:
 
 An instance forked by a function zygote gets its ``/proc`` and ``/tmp`` from
 ``mount_instance``, run by the runtime zygote (root, on the host) for it.
+
+Nothing a sandbox can read names a host path: the overlays name their layers as
+``/proc/self/fd/N`` (which is all ``/proc/self/mountinfo`` shows of them), the
+function's code and layer are overlays too (a bind would show its directory's path
+on the host filesystem), the processes' command lines are neutral titles and
+their environment is empty (``linux.set_title``), and the host-wide files of
+``/proc`` are a view of the sandbox's own (:mod:`.procfs`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from nimbus.executor.sandbox import linux, procfs
 
@@ -70,22 +77,50 @@ def unshare_namespaces(netns: str | None) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _by_fd(*paths: str) -> Iterator[list[str]]:
+    """``paths`` opened (``O_PATH``), named ``/proc/self/fd/N``: what an overlay shows
+    of its layers is the name it was given, so the host's paths stay out of sight."""
+    fds = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        yield [f"/proc/self/fd/{fd}" for fd in fds]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def _bind_ro(source: str, target: str) -> None:
     linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
     linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | RO)
+
+
+def _tree_ro(source: str, target: str, empty: str) -> None:
+    """``source`` at ``target``, read-only, as an overlay of it (over ``empty``: an
+    overlay without an upper directory needs two layers) rather than a bind: a bind's
+    entry in /proc/self/mountinfo shows the directory's path on the host filesystem,
+    an overlay's only its own root and the names its layers were given. Where an
+    overlay cannot be made of ``source`` (a filesystem overlayfs refuses), a bind."""
+    try:
+        with _by_fd(source, empty) as (top, bottom):
+            linux.mount("overlay", target, "overlay", RO, f"lowerdir={top}:{bottom}")
+    except OSError:
+        _bind_ro(source, target)
 
 
 def mount_root(rootfs: str, base: str) -> None:
     """The root tree, at ``rootfs``: an overlay of Nimbus's layer (``rootfs`` itself,
     as it was before this mount) over the base root filesystem; read-only, since it
     has no upper directory."""
-    linux.mount(
-        "overlay",
-        rootfs,
-        "overlay",
-        linux.MS_NOSUID | linux.MS_NODEV,
-        f"lowerdir={rootfs}:{base}",
-    )
+    with _by_fd(rootfs, base) as (layer, below):
+        linux.mount(
+            "overlay",
+            rootfs,
+            "overlay",
+            linux.MS_NOSUID | linux.MS_NODEV,
+            f"lowerdir={layer}:{below}",
+        )
 
 
 def prepare_root(
@@ -174,10 +209,12 @@ def enter_root(
     the directories its file triggers mount (read-only, under ``/mnt``: binds, since
     files arrive there while it runs), ``/proc/meminfo`` saying ``memory_bytes``, then
     ``pivot_root`` into the result (prepared by :func:`prepare_root`)."""
-    _bind_ro(code, rootfs + "/var/task")
+    staging = rootfs + STAGING
+    empty = staging + "/.empty"
+    _tree_ro(code, rootfs + "/var/task", empty)
     if layer:
-        _bind_ro(layer, rootfs + "/opt/python")
-    procfs.write_meminfo(rootfs + STAGING, memory_bytes)
+        _tree_ro(layer, rootfs + "/opt/python", empty)
+    procfs.write_meminfo(staging, memory_bytes)
     if mounts:
         # The root is read-only: a small root-owned tmpfs holds the mount points.
         linux.mount(
