@@ -38,7 +38,15 @@ from collections.abc import Iterator, Sequence
 
 from nimbus.executor.sandbox import linux, procfs
 
-NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
+#: The cgroup namespace makes the sandbox's own cgroup its root: /proc/self/cgroup
+#: shows "/", not the host's hierarchy.
+NAMESPACES = (
+    linux.CLONE_NEWNS
+    | linux.CLONE_NEWPID
+    | linux.CLONE_NEWIPC
+    | linux.CLONE_NEWUTS
+    | linux.CLONE_NEWCGROUP
+)
 
 #: What /proc/<pid>/cmdline shows of a sandbox's pid 1, and of its other processes
 #: (forks of the zygote, whose own command line names Nimbus's paths).

@@ -14,8 +14,8 @@ serves *fork* requests::
       CPU priority: reports its pid (the runtime zygote reads it from the socket's
       credentials, moves it into the instance's own cgroup (slow on cgroup v1) and
       mounts its /proc, under the sandbox's view, and /tmp: enter.mount_instance),
-      then sets its hostname, brings up loopback, drops every capability, stacks
-      the full seccomp filter
+      then enters a cgroup namespace of its own, sets its hostname, brings up
+      loopback, drops every capability, stacks the full seccomp filter
       ─fork─► instance-to-be (pid 2): reports ready, waits for *go* (its socket and
       output pipe; the runtime zygote restores its priority first), then closes every
       file descriptor of the zygote's, reseeds ``random``, reads its SPEC frame and
@@ -181,6 +181,7 @@ def _init(shell: dict[str, Any], report_fd: int, strict_bpf: bytes | None) -> No
         report.send(b"P")
         if report.recv(16) != b"M":
             os._exit(0)  # retired unused, or the move failed
+        linux.unshare(linux.CLONE_NEWCGROUP)  # our new cgroup as the root we see
         linux.sethostname(shell["hostname"])
         if not shell.get("netns"):
             enter.loopback_up()
