@@ -182,3 +182,34 @@ def test_mount_instance_gives_a_waiting_instance_its_proc_and_tmp(
     assert seen["self"] == "1" and seen["pids"] == ["1"]  # its own pid namespace's procfs
     assert seen["tmp_mb"] == 16
     assert "/proc/meminfo" in seen["mounts"] and seen["mounts"].count("/tmp") == 1
+
+
+def test_new_clocks_start_a_sandboxs_monotonic_and_boot_clocks_at_zero() -> None:
+    import time
+
+    def body() -> dict[str, float]:
+        enter.new_clocks()
+        r, w = os.pipe()
+        go_r, go_w = os.pipe()
+        child = os.fork()
+        if child == 0:  # only children enter the new time namespace
+            seen = {
+                "boottime": time.clock_gettime(time.CLOCK_BOOTTIME),
+                "monotonic": time.monotonic(),
+                "booted": procfs.boot_time(),
+            }
+            os.write(w, json.dumps(seen).encode())
+            os.read(go_r, 1)
+            os._exit(0)
+        os.close(w)
+        seen = json.loads(os.read(r, 4096))
+        # What the runtime zygote computes for a forked instance's view, from outside.
+        seen["booted_from_outside"] = procfs.boot_time(child)
+        os.write(go_w, b"g")
+        os.waitpid(child, 0)
+        return seen
+
+    seen = in_child(body)
+    assert seen["boottime"] < 5 and seen["monotonic"] < 5, seen
+    assert abs(seen["booted"] - time.time()) < 5, seen
+    assert abs(seen["booted_from_outside"] - seen["booted"]) < 0.5, seen

@@ -76,13 +76,32 @@ def unshare_namespaces(netns: str | None) -> None:
     namespace is a fresh one, or ``netns`` (a path to a prepared one) when given."""
     if netns is None:
         linux.unshare(NAMESPACES | linux.CLONE_NEWNET)
-        return
-    linux.unshare(NAMESPACES)
-    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        linux.unshare(NAMESPACES)
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(fd, linux.CLONE_NEWNET)
+        finally:
+            os.close(fd)
+    new_clocks()
+
+
+def new_clocks() -> None:
+    """A time namespace for our children, where the kernel has them: their monotonic
+    and boot-time clocks start at 0 now, so neither they, ``/proc/uptime``, the boot
+    time in ``/proc/stat`` nor process start times tell how long the host has been up
+    (the same for every sandbox on it: a way to tell neighbours). Wall-clock time is
+    the host's. Must run before the first child is forked."""
     try:
-        linux.setns(fd, linux.CLONE_NEWNET)
-    finally:
-        os.close(fd)
+        linux.unshare(linux.CLONE_NEWTIME)
+    except OSError:
+        return  # a kernel without time namespaces (before 5.6, or not configured)
+    offsets = "".join(
+        f"{name} {-int(time.clock_gettime(clock))} 0\n"
+        for name, clock in (("monotonic", time.CLOCK_MONOTONIC), ("boottime", time.CLOCK_BOOTTIME))
+    )
+    with open("/proc/self/timens_offsets", "w") as f:
+        f.write(offsets)
 
 
 @contextlib.contextmanager
