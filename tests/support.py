@@ -35,10 +35,12 @@ def free_port() -> int:
 
 
 def instance_pids(data_dir: Path) -> list[int]:
-    """The node's zygote and instances: processes forked from a zygote carry its
-    ``NIMBUS_NODE=<data dir>`` marker in their initial environment; exec'd
-    instances run with their working directory inside ``data_dir``."""
-    found = []
+    """The node's zygote and instances: the zygote (and its short-lived helpers) carry a
+    ``NIMBUS_NODE=<data dir>`` marker in their initial environment; a sandbox's
+    processes show no environment at all (they clear it), but every one of them is in
+    one of the node's cgroups; exec'd instances run with their working directory
+    inside ``data_dir``."""
+    found = set()
     root = str(data_dir.resolve())
     marker = f"NIMBUS_NODE={root}".encode()
     for entry in os.listdir("/proc"):
@@ -47,14 +49,21 @@ def instance_pids(data_dir: Path) -> list[int]:
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
                 if marker in f.read().split(b"\0"):
-                    found.append(int(entry))
+                    found.add(int(entry))
                     continue
             cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if cwd.startswith(root) and pid_alive(int(entry)):
-            found.append(int(entry))
-    return [p for p in found if pid_alive(p)]
+        if cwd.startswith(root):
+            found.add(int(entry))
+    for base in node_cgroups(data_dir):
+        if base.endswith("-server"):
+            continue  # the server itself, where it had to move (cgroup v2)
+        for directory, _, files in os.walk(base):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError), open(f"{directory}/cgroup.procs") as f:
+                    found.update(int(line) for line in f.read().split())
+    return sorted(p for p in found if pid_alive(p))
 
 
 def pid_alive(pid: int) -> bool:

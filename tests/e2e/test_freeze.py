@@ -4,8 +4,9 @@ resumes with the next invocation; and a frozen instance still dies cleanly every
 an instance can end.
 
 The probe (tests/fixtures/functions/freeze-probe) leaves a thread and a forked child
-behind, each recording ``time.monotonic()`` every 5 ms; the clock is the host's (an
-instance has no time namespace), so the test compares its ticks with its own.
+behind, each recording ``time.monotonic()`` every 5 ms; the clock is the instance's
+(a time namespace of its own: it starts near zero), so the test compares the ticks
+with the instance's own times, and waits on its own clock.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def test_what_an_invocation_left_running_stops_until_the_next_one(
         replied = start(s, "frz-ticks")["replied"]
         if freeze:
             one_frozen(s.data_dir)
-        # Idle for GAP seconds; frozen all along, or never.
-        until = replied + GAP
+        # Idle for GAP seconds (of our clock: the instance's runs as fast, from another
+        # zero); frozen all along, or never.
+        until = time.monotonic() + GAP
         while time.monotonic() < until:
             assert bool(frozen_instances(s.data_dir)) is freeze
             time.sleep(0.05)

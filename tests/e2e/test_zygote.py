@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from tests.support import NimbusServer
@@ -15,6 +18,18 @@ def test_forked_instances_never_share_random_state(server: NimbusServer) -> None
     outs = [server.invoke("zy-rng").json() for _ in range(4)]  # a new instance each time
     for key in ("random", "urandom", "uuid"):
         assert len({o[key] for o in outs}) == 4, key
+
+
+def host_cgroup(namespace: str) -> str:
+    """The cgroups, as the host names them, of the processes in cgroup ``namespace``
+    (they are still there: an idle instance stays warm)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/cgroup") == namespace:
+                found.add(Path(f"/proc/{entry}/cgroup").read_text())
+    assert len(found) == 1, f"{namespace}: {found}"
+    return found.pop()
 
 
 def concurrently(server: NimbusServer, name: str, events: list[dict[str, Any]]) -> list[Any]:
@@ -30,7 +45,11 @@ def test_init_runs_once_and_instances_are_forks_of_the_function_zygote(
     assert server.deploy("zygote-probe", name="zy-fork").status_code == 201
     outs = concurrently(server, "zy-fork", [{"sleep": 1.5, "touch": f"f{i}"} for i in range(3)])
     # Three instances at once (each held its invocation), one init: the zygote's.
-    assert len({o["cgroup"] for o in outs}) == 3, "instances must have their own cgroups"
+    # Each sees its own cgroup as its root (a cgroup namespace): the host tells them apart.
+    assert all(line.endswith(":/") for o in outs for line in o["cgroup"].splitlines()), outs
+    assert len({host_cgroup(o["cgroup_ns"]) for o in outs}) == 3, (
+        "instances need cgroups of their own"
+    )
     assert len({o["init"] for o in outs}) == 1
     records = server.logs("zy-fork")
     assert sum(r["message"].startswith("init ran:") for r in records) == 1

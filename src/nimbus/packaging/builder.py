@@ -160,7 +160,8 @@ class SandboxBuilder:
             return "/var/task/" + str(path.relative_to(work))
 
         name = f"build-{secrets.token_hex(6)}"
-        procs = self.cgroups.create(name, Limits.for_memory_mb(self.memory_mb, pids_max=1024))
+        limits = Limits.for_memory_mb(self.memory_mb, pids_max=1024)
+        procs = self.cgroups.create(name, limits)
         env = {
             "PATH": "/var/lang/bin:/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
@@ -180,6 +181,7 @@ class SandboxBuilder:
             "binds": binds,
             "uid": BUILD_UID,
             "tmp_mb": 64,
+            "memory_bytes": limits.memory_bytes,
             "fsize": 4 * 2**30,
             "nofile": self.nofile,
             "seccomp": str(self.seccomp_path),

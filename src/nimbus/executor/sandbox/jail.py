@@ -8,7 +8,7 @@ as root (see :mod:`nimbus.packaging.builder`). The spec::
      "netns": path | null,    an egress namespace to join; null: loopback only
      "binds": [[host, inside, writable], ...]        inside: under /var/task,
                               /var/runtime or /mnt (tmpfs-backed where needed)
-     "uid", "tmp_mb", "nofile", "seccomp": path, "hostname",
+     "uid", "tmp_mb", "memory_bytes", "nofile", "seccomp": path, "hostname",
      "argv": [...], "env": {...}, "cwd"}
 
 The steps are an instance's (:mod:`.enter`): the cgroup, new mount, pid, ipc and
@@ -85,6 +85,7 @@ def _command(spec: dict[str, Any]) -> None:
             base=spec["base"],
             prefix=spec["prefix"],
             hidden=spec["hidden"],
+            memory_bytes=spec.get("memory_bytes", 3 << 30),
             proc_options="hidepid=invisible",
         )
         _binds(rootfs, spec["binds"])

@@ -6,11 +6,13 @@ are the kernel's (x86_64 and aarch64 share them).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
+CLONE_NEWTIME = 0x00000080
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -39,19 +41,35 @@ PR_GET_NO_NEW_PRIVS = 39
 PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_MM = 35
+PR_SET_MM_ENV_END = 11
 SECCOMP_MODE_FILTER = 2
 
 CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155)
 _SYS_OPENAT2 = 437  # the same on every architecture (Linux 5.6+)
-AT_FDCWD = -100
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+# The new mount API has the same numbers on every architecture (the unified table).
+_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
+
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
 
 
 def _check(result: int, what: str) -> int:
@@ -104,6 +122,86 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount {target}")
 
 
+def fsopen(fstype: str) -> int:
+    """A filesystem context (a descriptor) for a new ``fstype`` superblock."""
+    return _check(
+        _libc.syscall(ctypes.c_long(_SYS_FSOPEN), fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC)),
+        f"fsopen {fstype}",
+    )
+
+
+def fsconfig_string(fs_fd: int, key: str, value: str) -> None:
+    """Set option ``key`` of a filesystem context to ``value``."""
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_FSCONFIG),
+            ctypes.c_int(fs_fd),
+            ctypes.c_uint(FSCONFIG_SET_STRING),
+            key.encode(),
+            value.encode(),
+            ctypes.c_int(0),
+        ),
+        f"fsconfig {key}",
+    )
+
+
+def fsconfig_fd(fs_fd: int, key: str, fd: int) -> None:
+    """Set option ``key`` of a filesystem context to the file descriptor ``fd``."""
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_FSCONFIG),
+            ctypes.c_int(fs_fd),
+            ctypes.c_uint(FSCONFIG_SET_FD),
+            key.encode(),
+            None,
+            ctypes.c_int(fd),
+        ),
+        f"fsconfig {key}",
+    )
+
+
+def fsconfig_create(fs_fd: int) -> None:
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_FSCONFIG),
+            ctypes.c_int(fs_fd),
+            ctypes.c_uint(FSCONFIG_CMD_CREATE),
+            None,
+            None,
+            ctypes.c_int(0),
+        ),
+        "fsconfig create",
+    )
+
+
+def fsmount(fs_fd: int, attr_flags: int) -> int:
+    """A detached mount (a descriptor) of the context's superblock."""
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_FSMOUNT),
+            ctypes.c_int(fs_fd),
+            ctypes.c_uint(FSMOUNT_CLOEXEC),
+            ctypes.c_uint(attr_flags),
+        ),
+        "fsmount",
+    )
+
+
+def move_mount(mount_fd: int, target: str) -> None:
+    """Attach the detached mount ``mount_fd`` at ``target``."""
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_MOVE_MOUNT),
+            ctypes.c_int(mount_fd),
+            b"",
+            ctypes.c_int(AT_FDCWD),
+            target.encode(),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        ),
+        f"move_mount {target}",
+    )
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(
         _libc.syscall(ctypes.c_long(_SYS_PIVOT_ROOT), new_root.encode(), put_old.encode()),
@@ -122,6 +220,41 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
         ),
         "prctl",
     )
+
+
+def set_title(title: str, *, clear_environ: bool = False) -> None:
+    """What ``/proc/<pid>/cmdline`` shows of this process and its forks: ``title``.
+
+    The kernel reads a process's command line and environment from its own memory,
+    where ``execve`` left the strings, so a fork shows its parent's. They are
+    overwritten in place (setproctitle's way): the title, a NUL, zeros, and a non-NUL
+    last byte, which tells the kernel to show only up to the first NUL.
+
+    ``clear_environ`` (once, as root): the environment strings are zeroed too (the C
+    library's ``environ`` copied away first, so ``getenv`` keeps working) and, where
+    the kernel allows it (``CAP_SYS_RESOURCE``), the area is made empty, so
+    ``/proc/<pid>/environ`` reads nothing."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # Fields 48-51 (stat(5)), counted from the state, field 3.
+    arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
+    room = arg_end - arg_start
+    if room < 2:
+        return
+    data = title.encode()[: room - 2] + b"\0"
+    ctypes.memset(arg_start, 0, room)
+    ctypes.memmove(arg_start, data, len(data))
+    ctypes.memset(arg_start + room - 1, ord("."), 1)
+    if not clear_environ or env_end <= env_start:
+        return
+    environ = dict(os.environ)
+    _libc.clearenv()
+    for key, value in environ.items():
+        _libc.setenv(os.fsencode(key), os.fsencode(value), 1)
+    ctypes.memset(env_start, 0, env_end - env_start)
+    # Without CAP_SYS_RESOURCE the environment reads as NULs, which is as empty.
+    with contextlib.suppress(OSError):
+        prctl(PR_SET_MM, PR_SET_MM_ENV_END, env_start)
 
 
 def sethostname(name: str) -> None:

@@ -104,8 +104,11 @@ _LOW_32 = 0xFFFFFFFF
 
 
 #: What a function zygote may still do that its instances may not: make the namespaces
-#: and mounts each forked instance gets (inside the zygote's own user namespace).
-ZYGOTE_ALLOWED = frozenset({"mount", "unshare"})
+#: each forked instance gets (inside the zygote's own user namespace). Not mount: the
+#: runtime zygote mounts an instance's /proc and /tmp for it, and the init's code, which
+#: runs in the function zygote, must not mount a procfs of its own (without the view
+#: over the host's files: see nimbus.executor.sandbox.procfs).
+ZYGOTE_ALLOWED = frozenset({"unshare"})
 
 
 def compile_filter(allow: frozenset[str] = frozenset()) -> bytes:

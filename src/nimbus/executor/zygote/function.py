@@ -12,19 +12,20 @@ serves *fork* requests::
 
     init (pid 1 of the instance's own pid namespace), all ahead of demand and at idle
       CPU priority: reports its pid (the runtime zygote reads it from the socket's
-      credentials and moves it into the instance's own cgroup: slow on cgroup v1),
-      then mounts its own /tmp and /proc, sets its hostname, brings up loopback,
-      drops every capability, stacks the full seccomp filter
+      credentials, moves it into the instance's own cgroup (slow on cgroup v1) and
+      mounts its /proc, under the sandbox's view, and /tmp: enter.mount_instance),
+      then enters a cgroup namespace of its own, sets its hostname, brings up
+      loopback, drops every capability, stacks the full seccomp filter
       ─fork─► instance-to-be (pid 2): reports ready, waits for *go* (its socket and
       output pipe; the runtime zygote restores its priority first), then closes every
       file descriptor of the zygote's, reseeds ``random``, reads its SPEC frame and
       serves (the handler module is already imported); init reaps zombies and
       reports the instance's wait status.
 
-The zygote runs with a seccomp filter that still allows ``mount`` and ``unshare``;
-its mount namespace belongs to the host's user namespace, so it cannot change its
-own mounts, only those of namespaces it makes. Everything here is standard library
-and runs in forks of the runtime zygote.
+The zygote runs with a seccomp filter that still allows ``unshare`` (not ``mount``:
+see :func:`nimbus.executor.sandbox.enter.mount_instance`); its mount namespace
+belongs to the host's user namespace, so it could not change its own mounts anyway.
+Everything here is standard library and runs in forks of the runtime zygote.
 
 Messages on the zygote's control socket (``SOCK_SEQPACKET``, from the runtime
 zygote): ``b"U"`` → (map written) ``b"M"`` once; then JSON ``{"op": "shell",
@@ -173,18 +174,14 @@ def _init(shell: dict[str, Any], report_fd: int, strict_bpf: bytes | None) -> No
     set the namespace up and fork the instance-to-be, then reap zombies and report the
     instance's status. Never returns."""
     try:
+        linux.set_title(enter.INIT_TITLE)
         report = socket.socket(fileno=report_fd)
-        report.send(b"P")  # the credentials carry our pid: we are moved into our cgroup
+        # The credentials carry our pid: the runtime zygote moves us into our cgroup and
+        # mounts our /proc and /tmp (enter.mount_instance: we may not mount).
+        report.send(b"P")
         if report.recv(16) != b"M":
             os._exit(0)  # retired unused, or the move failed
-        linux.mount(
-            "tmpfs",
-            "/tmp",
-            "tmpfs",
-            linux.MS_NOSUID | linux.MS_NODEV,
-            f"size={shell['tmp_mb']}m,mode=1777",
-        )
-        linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        linux.unshare(linux.CLONE_NEWCGROUP)  # our new cgroup as the root we see
         linux.sethostname(shell["hostname"])
         if not shell.get("netns"):
             enter.loopback_up()
@@ -223,6 +220,7 @@ def _wait_for_go(report: socket.socket) -> None:
     shim up to its init, which the zygote already did), say it is ready, wait for *go*
     (its socket and output pipe), serve. Never returns."""
     try:
+        linux.set_title(enter.RUNTIME_TITLE)
         report.send(b"R")  # the credentials carry our pid: the one to prioritise on go
     except BaseException:
         os._exit(1)

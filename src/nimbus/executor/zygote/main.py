@@ -453,7 +453,7 @@ class Zygote:
         self._made(rec)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(rec.pid, signal.SIGKILL)
-        self._zygote_failed(rec.zygote, "could not move an instance into its cgroup")
+        self._zygote_failed(rec.zygote, "could not set up an instance (its cgroup, /proc, /tmp)")
 
     def _shell_ready(self, rec: _Proc) -> None:
         """A shell is set up and its instance-to-be waits for *go*."""
@@ -552,20 +552,37 @@ class Zygote:
             self.by_pid[sender] = rec
             mover = os.fork()
             if mover == 0:
-                code = 1
-                try:
-                    for path in rec.procs_files:
-                        with open(path, "w") as f:
-                            f.write(str(sender))
-                    code = 0
-                finally:
-                    os._exit(code)
+                self._set_up(rec, sender)
             self.moving[mover] = rec
         elif data[:1] == b"R" and sender and rec.zygote is not None and not rec.worker:
             rec.worker = sender
             self._shell_ready(rec)
         elif data[:1] == b"S" and len(data) >= spawn.REPORT.size:
             rec.status = spawn.REPORT.unpack_from(data)[1]
+
+    def _set_up(self, rec: _Proc, pid: int) -> None:
+        """In a child: move instance shell ``rec`` (its init is ``pid``) into its cgroup,
+        then mount its /proc and /tmp (the instance may not). Never returns."""
+        from nimbus.executor.sandbox import enter
+
+        code = 1
+        try:
+            for path in rec.procs_files:
+                with open(path, "w") as f:
+                    f.write(str(pid))
+            assert rec.zygote is not None
+            box = rec.zygote.box
+            enter.mount_instance(
+                pid,
+                tmp_mb=box["tmp_mb"],
+                memory_bytes=box["memory_bytes"],
+                facts=spawn.HOST_FACTS[0],
+            )
+            code = 0
+        except BaseException as e:
+            print(f"nimbus zygote: cannot set up instance {pid}: {e}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
 
     def remove_cgroup(self, name: str) -> None:
         """Remove a cgroup nobody will use, once its processes are gone (retried)."""
@@ -783,6 +800,9 @@ def main() -> None:
                 spawn.ZYGOTE_BPF.append(f.read())
         sandbox_error = probe()
         if sandbox_error is None:
+            from nimbus.executor.sandbox import procfs
+
+            spawn.HOST_FACTS.append(procfs.host_facts())
             from nimbus.executor.sandbox.cgroups import CgroupUnavailable, detect
 
             try:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from nimbus.executor.sandbox.cgroups import CgroupDriver
+    from nimbus.executor.sandbox.procfs import HostFacts
 
 REPORT = struct.Struct("=ci")
 MAX_FD = 65536
@@ -118,9 +119,10 @@ def shell(
             os.close(report_fd)
             _wait_for_go(name, go_sock, None, base_path, None)
             raise AssertionError("unreachable")
-        from nimbus.executor.sandbox import enter
+        from nimbus.executor.sandbox import enter, linux
         from nimbus.executor.sandbox.cgroups import Limits
 
+        _forget_the_zygote()
         enter.join_cgroups(cgroups.create(name, Limits.for_memory_mb(SHELL_MEMORY_MB)))
         enter.unshare_namespaces(None)
         init_pid = os.fork()
@@ -144,11 +146,14 @@ def shell(
         os.close(report_fd)
         try:
             assert root is not None
+            linux.set_title(enter.RUNTIME_TITLE)
             enter.prepare_root(
                 rootfs=root["rootfs"],
                 base=root["base"],
                 prefix=root["prefix"],
                 hidden=root["hidden"],
+                memory_bytes=SHELL_MEMORY_MB << 20,
+                facts=HOST_FACTS[0] if HOST_FACTS else None,
             )
             enter.harden(nofile=root["nofile"])
         except BaseException:
@@ -164,6 +169,18 @@ def shell(
         if pid == waiter:
             report(report_fd, b"S", status)
             os._exit(0)  # pid 1 leaving takes every other process of the namespace with it
+
+
+def _forget_the_zygote() -> None:
+    """What a sandbox's processes show of themselves, from here on: no command line of
+    the zygote's (it names Nimbus's source, the data and cache directories), no
+    environment (it names the node), ``sys.argv`` as an instance's."""
+    from nimbus.executor.sandbox import enter, linux
+
+    os.environ.pop("NIMBUS_NODE", None)
+    sys.argv[:] = list(enter.RUNTIME_ARGV)
+    sys.orig_argv[:] = [enter.RUNTIME_TITLE, *enter.RUNTIME_ARGV]
+    linux.set_title(enter.INIT_TITLE, clear_environ=True)
 
 
 def _wait_for_go(
@@ -221,6 +238,7 @@ def _enter_sandbox(
         code=box["code"],
         layer=box.get("layer"),
         tmp_mb=box["tmp_mb"],
+        memory_bytes=box["memory_bytes"],
         mounts=[(m[0], m[1]) for m in box.get("mounts", ())],
     )
     linux.sethostname(box["hostname"])
@@ -240,6 +258,8 @@ def _enter_sandbox(
 
 #: The function zygotes' seccomp filter (set by the zygote's main at start).
 ZYGOTE_BPF: list[bytes] = []
+#: What sandboxes' views of /proc keep of the host (read by the zygote's main at start).
+HOST_FACTS: list[HostFacts] = []
 
 
 def _run_function_zygote(
