@@ -42,12 +42,14 @@ LINGER_MAX = 30.0
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_header_bytes: int = 64 * 1024
-    max_headers: int = 100
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_connections: int = 4096
-    max_connections_per_client: int = 512
+    """The listener's share of :class:`~nimbus.config.Settings` (its defaults live there)."""
+
+    max_header_bytes: int
+    max_headers: int
+    header_timeout: float
+    body_timeout: float
+    max_connections: int
+    max_connections_per_client: int
 
 
 def connection_cap(configured: int) -> int:

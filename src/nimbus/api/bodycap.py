@@ -15,19 +15,10 @@ from typing import Any
 import orjson
 
 from nimbus.errors import RequestTooLarge
+from nimbus.gateway.app import declared_length
 from nimbus.packaging.zips import human_size
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-
-
-def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for key, value in headers:
-        if key == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
 
 
 async def _send_413(send: Any, message: str) -> None:

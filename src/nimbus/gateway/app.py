@@ -120,21 +120,26 @@ def function_host(scope: Scope, suffix: bytes) -> str | None:
     return None
 
 
+def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The request's ``Content-Length``, or None (absent, or not a number)."""
+    for key, value in headers:
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes before reading it all.
 
     A body cut short (the client closed the connection, or the listener timed it out)
     is :class:`IncompleteRequest`, never a shorter body.
     """
-    for key, value in scope["headers"]:
-        if key == b"content-length":
-            try:
-                declared = int(value)
-            except ValueError:
-                declared = 0
-            if declared > limit:
-                raise RequestTooLarge(f"payload is {declared} bytes; the limit is {limit} bytes")
-            break
+    declared = declared_length(scope["headers"]) or 0
+    if declared > limit:
+        raise RequestTooLarge(f"payload is {declared} bytes; the limit is {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     while True:
